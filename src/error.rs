@@ -1,0 +1,194 @@
+//! The core error enum, and the only place where it becomes an HTTP status or an RPC code.
+//!
+//! Errors are built at the point of failure with the operation and the path in their
+//! message. Client-caused errors carry that message to the client; [`Error::Internal`]
+//! carries a generic one and its detail is logged once, here, when it is converted.
+
+use std::io;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+/// Everything the core can fail with. The variant decides the wire status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is malformed or names something unusable.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named entry (file, directory, user, process) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The entry the request would create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The system is not in a state where the request can succeed (e.g. a symlink cycle).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The caller could not be identified (unknown user, missing or wrong token).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// No representation the client accepts can be produced (HTTP 406).
+    #[error("{0}")]
+    NotAcceptable(String),
+    /// The disk, the inode table or the quota is full (HTTP 507).
+    #[error("{0}")]
+    InsufficientStorage(String),
+    /// The operation is not supported by this daemon (yet).
+    #[error("{0}")]
+    Unimplemented(String),
+    /// An operating-system error while doing what the client asked, e.g. EXDEV on a move.
+    /// The message names the operation and path; the OS error text follows it.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, and to which path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A bug or an unexpected state in the daemon itself. The detail is logged, never sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// Result alias for the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An OS error while doing `context`. ENOSPC and EDQUOT become
+    /// [`Error::InsufficientStorage`], so every caller gets 507 for a full disk.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        let context = context.into();
+        if is_no_space(&source) {
+            return Error::InsufficientStorage(format!("{context}: {source}"));
+        }
+        Error::Io { context, source }
+    }
+
+    /// The HTTP status of this error on REST routes.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Error::InvalidArgument(_) | Error::FailedPrecondition(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::AlreadyExists(_) => StatusCode::CONFLICT,
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Io { .. } | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The RPC code of this error on gRPC, Connect and gRPC-Web.
+    pub fn rpc_code(&self) -> tonic::Code {
+        match self {
+            Error::InvalidArgument(_) | Error::NotAcceptable(_) => tonic::Code::InvalidArgument,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Error::InsufficientStorage(_) => tonic::Code::ResourceExhausted,
+            Error::Unimplemented(_) => tonic::Code::Unimplemented,
+            Error::Io { .. } | Error::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// The message a client sees. Internal details are logged here instead.
+    fn client_message(&self) -> String {
+        if let Error::Internal(detail) = self {
+            tracing::error!(%detail, "internal error");
+        }
+        self.to_string()
+    }
+}
+
+/// True for "no space left on device" and "disk quota exceeded".
+pub fn is_no_space(err: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(err.raw_os_error(), Some(code) if code == Errno::ENOSPC as i32 || code == Errno::EDQUOT as i32)
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        tonic::Status::new(err.rpc_code(), err.client_message())
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(err: tokio::task::JoinError) -> Self {
+        Error::Internal(format!("blocking task failed: {err}"))
+    }
+}
+
+/// The REST error body: `{"code": <http status>, "message": "..."}` and a newline, as envd
+/// writes it.
+#[derive(serde::Serialize)]
+struct RestErrorBody<'a> {
+    code: u16,
+    message: &'a str,
+}
+
+/// Builds a REST error response with envd's JSON shape and headers.
+pub fn rest_error(status: StatusCode, message: &str) -> Response {
+    let mut body = serde_json::to_vec(&RestErrorBody {
+        code: status.as_u16(),
+        message,
+    })
+    .unwrap_or_default();
+    body.push(b'\n');
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.http_status();
+        rest_error(status, &self.client_message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_errors_become_507_and_resource_exhausted() {
+        let err = Error::io(
+            "writing /x",
+            io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32),
+        );
+        assert_eq!(err.http_status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(err.rpc_code(), tonic::Code::ResourceExhausted);
+        let err = Error::io(
+            "writing /x",
+            io::Error::from_raw_os_error(nix::errno::Errno::EDQUOT as i32),
+        );
+        assert_eq!(err.http_status(), StatusCode::INSUFFICIENT_STORAGE);
+    }
+
+    #[test]
+    fn internal_errors_hide_their_detail() {
+        let status = tonic::Status::from(Error::Internal("secret detail".into()));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn io_errors_name_the_operation() {
+        let err = Error::io(
+            "error renaming /a",
+            io::Error::from_raw_os_error(nix::errno::Errno::EXDEV as i32),
+        );
+        assert_eq!(err.rpc_code(), tonic::Code::Internal);
+        assert!(err.to_string().starts_with("error renaming /a: "));
+    }
+}

@@ -1,0 +1,11 @@
+//! The filesystem core: path resolution, users, entry descriptions, xattr metadata,
+//! directory creation, atomic uploads and the RPC operations. Transport-free: it never sees
+//! protobuf or HTTP types, and every function here blocks (callers use `spawn_blocking`).
+
+pub mod dirs;
+pub mod entry;
+pub mod metadata;
+pub mod ops;
+pub mod path;
+pub mod user;
+pub mod write;

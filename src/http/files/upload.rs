@@ -1,0 +1,281 @@
+//! `POST /files`: multipart (every `file` part) or `application/octet-stream` uploads,
+//! optionally gzip-encoded, streamed to disk through [`crate::fs::write::Upload`].
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use async_compression::tokio::bufread::GzipDecoder;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use tokio::sync::mpsc;
+use tokio_util::io::{ReaderStream, StreamReader};
+
+use crate::error::Error;
+use crate::fs::entry::base_name;
+use crate::fs::metadata::{self, Metadata};
+use crate::fs::user::User;
+use crate::fs::write::Upload;
+use crate::http::files::encoding::{self, Coding};
+use crate::http::files::{FilesQuery, disposition};
+use crate::identity::Requester;
+use crate::state::AppState;
+
+/// Body chunks queued between the socket and the disk writer.
+const WRITE_QUEUE_DEPTH: usize = 16;
+
+type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
+
+/// One uploaded file, as the response lists it.
+#[derive(Debug, serde::Serialize)]
+pub struct UploadedEntry {
+    /// The stored `user.e2b.*` set, omitted when empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    /// Base name.
+    pub name: String,
+    /// Absolute resolved path.
+    pub path: String,
+    /// Always `"file"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+/// Serves `POST /files`.
+pub async fn upload(State(state): State<AppState>, request: Request) -> Response {
+    match serve(state, request).await {
+        Ok(entries) => {
+            let body = serde_json::to_vec(&entries).unwrap_or_default();
+            let mut response = (StatusCode::OK, body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, Response> {
+    let query = FilesQuery::parse(request.uri().query()).map_err(IntoResponse::into_response)?;
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let coding = encoding::request_coding(header_str(&headers, header::CONTENT_ENCODING)).map_err(|hdr| {
+        reject(format!(
+            "error decompressing request body: unsupported Content-Encoding: {hdr}, supported: [gzip]"
+        ))
+    })?;
+    let requester = state
+        .identity
+        .for_files(query.username.as_deref())
+        .map_err(IntoResponse::into_response)?;
+    let metadata = metadata::from_headers(&headers).map_err(IntoResponse::into_response)?;
+    let declared_len =
+        header_str(&headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+    let content_type = header_str(&headers, header::CONTENT_TYPE)
+        .unwrap_or("")
+        .to_owned();
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let body = decoded_body(body, coding);
+    let job = Job {
+        requester,
+        metadata,
+        declared_len,
+    };
+    if media == "application/octet-stream" {
+        let Some(raw_path) = query.path else {
+            return Err(reject(
+                "path query parameter is required for raw body upload".into(),
+            ));
+        };
+        let path = job
+            .requester
+            .resolve(&raw_path)
+            .map_err(|err| reject(format!("error resolving path: {err}")))?;
+        let entry = job
+            .write(path, body)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        return Ok(vec![entry]);
+    }
+    if media.starts_with("multipart/") {
+        return job
+            .multipart(&content_type, query.path.as_deref(), body)
+            .await;
+    }
+    Err(reject(format!(
+        "unsupported content type: {content_type}, expected multipart/form-data or application/octet-stream"
+    )))
+}
+
+/// What every file of one request shares.
+struct Job {
+    requester: Requester,
+    metadata: Metadata,
+    declared_len: Option<u64>,
+}
+
+impl Job {
+    async fn multipart(
+        &self,
+        content_type: &str,
+        query_path: Option<&str>,
+        body: ByteStream,
+    ) -> Result<Vec<UploadedEntry>, Response> {
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|err| reject(format!("error parsing multipart form: {err}")))?;
+        let mut form = multer::Multipart::new(body, boundary);
+        let mut entries: Vec<UploadedEntry> = Vec::new();
+        let mut written: HashSet<PathBuf> = HashSet::new();
+        loop {
+            let field = match form.next_field().await {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(err) => return Err(reject(format!("error reading form: {err}"))),
+            };
+            if field.name() != Some("file") {
+                continue;
+            }
+            let raw_path = match query_path {
+                Some(path) => path.to_owned(),
+                None => field
+                    .headers()
+                    .get(header::CONTENT_DISPOSITION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(disposition::filename)
+                    .ok_or_else(|| {
+                        reject(
+                            "error getting multipart custom part file name: filename not found in Content-Disposition header"
+                                .into(),
+                        )
+                    })?,
+            };
+            let path = self
+                .requester
+                .resolve(&raw_path)
+                .map_err(|err| reject(format!("error resolving path: {err}")))?;
+            if !written.insert(path.clone()) {
+                let mut message = format!(
+                    "you cannot upload multiple files to the same path '{}' in one upload request, only the first specified file was uploaded",
+                    path.display()
+                );
+                let others: Vec<&str> = entries
+                    .iter()
+                    .filter(|e| std::path::Path::new(&e.path) != path)
+                    .map(|e| e.path.as_str())
+                    .collect();
+                if others.len() >= 2 {
+                    message.push_str(&format!(
+                        ", also the following files were uploaded: {}",
+                        others.join(", ")
+                    ));
+                }
+                return Err(reject(message));
+            }
+            let stream: ByteStream = Box::pin(
+                field.map_err(|err| Error::InvalidArgument(format!("error reading form: {err}"))),
+            );
+            entries.push(
+                self.write(path, stream)
+                    .await
+                    .map_err(IntoResponse::into_response)?,
+            );
+        }
+        Ok(entries)
+    }
+
+    /// Streams one file to disk and publishes it with the request's metadata.
+    async fn write(&self, path: PathBuf, mut body: ByteStream) -> Result<UploadedEntry, Error> {
+        let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE_DEPTH);
+        let writer = spawn_writer(
+            path.clone(),
+            self.requester.user.clone(),
+            self.metadata.clone(),
+            self.declared_len,
+            rx,
+        );
+        while let Some(chunk) = body.next().await {
+            // On a body error the sender is dropped unfinished: the writer discards the upload.
+            if tx.send(Piece::Data(chunk?)).await.is_err() {
+                break; // The writer failed; its error is reported below.
+            }
+        }
+        // A send error means the writer failed already; its result says why.
+        let _ = tx.send(Piece::End).await;
+        let stored = writer
+            .await??
+            .ok_or_else(|| Error::Internal("upload ended without a result".into()))?;
+        Ok(UploadedEntry {
+            metadata: (!stored.is_empty()).then_some(stored),
+            name: base_name(&path),
+            path: path.to_string_lossy().into_owned(),
+            kind: "file",
+        })
+    }
+}
+
+enum Piece {
+    Data(Bytes),
+    End,
+}
+
+/// The disk side of an upload, on a blocking thread. The upload is published only after
+/// `End`; a closed channel without it (client gone, body error) discards it.
+fn spawn_writer(
+    path: PathBuf,
+    owner: User,
+    metadata: Metadata,
+    declared_len: Option<u64>,
+    mut rx: mpsc::Receiver<Piece>,
+) -> tokio::task::JoinHandle<Result<Option<Metadata>, Error>> {
+    tokio::task::spawn_blocking(move || {
+        let mut upload = Upload::begin(&path, &owner, declared_len)?;
+        while let Some(piece) = rx.blocking_recv() {
+            match piece {
+                Piece::Data(data) => upload.write_all(&data)?,
+                Piece::End => return upload.commit(&metadata).map(Some),
+            }
+        }
+        tracing::debug!(path = %path.display(), written = upload.written(), "upload abandoned");
+        Ok(None)
+    })
+}
+
+/// The request body as a stream of bytes, gunzipped when it is gzip-encoded.
+fn decoded_body(body: Body, coding: Coding) -> ByteStream {
+    let raw = body
+        .into_data_stream()
+        .map_err(|err| std::io::Error::other(err.into_inner()));
+    match coding {
+        Coding::Identity => {
+            Box::pin(raw.map_err(|err| {
+                Error::InvalidArgument(format!("error reading request body: {err}"))
+            }))
+        }
+        Coding::Gzip => {
+            let mut decoder = GzipDecoder::new(StreamReader::new(raw));
+            decoder.multiple_members(true);
+            Box::pin(ReaderStream::new(decoder).map_err(|err| {
+                Error::InvalidArgument(format!("error decompressing request body: {err}"))
+            }))
+        }
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn reject(message: String) -> Response {
+    Error::InvalidArgument(message).into_response()
+}

@@ -1,0 +1,53 @@
+//! REST resources and the router that puts them and the RPC services on one port.
+
+pub mod files;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderValue, StatusCode, header};
+
+use crate::rpc::Rpc;
+use crate::state::AppState;
+
+/// The whole application: REST routes, with every `/package.Service/Method` path handed to
+/// the RPC protocols.
+pub fn router(state: AppState, rpc: Rpc) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route(
+            "/files",
+            get(files::download::download).post(files::upload::upload),
+        )
+        .fallback(fallback)
+        .with_state((state, rpc))
+}
+
+/// `GET /health`: 204, never cached.
+async fn health() -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn fallback(State((_, rpc)): State<(AppState, Rpc)>, request: Request<Body>) -> Response {
+    if Rpc::is_rpc_path(request.uri().path()) {
+        return rpc.serve(request).await;
+    }
+    let mut response = (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl axum::extract::FromRef<(AppState, Rpc)> for AppState {
+    fn from_ref(input: &(AppState, Rpc)) -> Self {
+        input.0.clone()
+    }
+}

@@ -1,0 +1,21 @@
+//! envd: the daemon inside every sandbox.
+//!
+//! Module map:
+//! - [`config`]: the command line, validated once into a [`config::Config`].
+//! - [`error`]: the core error enum and its only mappings to HTTP and RPC codes.
+//! - [`server`]: one listener speaking HTTP/1.1 and cleartext HTTP/2; graceful shutdown.
+//! - [`http`]: REST resources (`/health`, `/files`).
+//! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
+//! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
+//! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
+//! - [`proto`]: generated protobuf code; never edited by hand.
+
+pub mod config;
+pub mod error;
+pub mod fs;
+pub mod http;
+pub mod identity;
+pub mod proto;
+pub mod rpc;
+pub mod server;
+pub mod state;

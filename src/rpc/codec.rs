@@ -1,0 +1,151 @@
+//! The RPC method table and the protobuf ⇄ JSON transcoding the Connect layer needs.
+//!
+//! Each method is listed once with its request and response types; the JSON forms are
+//! protobuf's canonical JSON (pbjson): lowerCamelCase names, defaults omitted, enums as
+//! names, 64-bit integers as strings; decoding also takes proto names, enum numbers and
+//! numeric 64-bit values, and ignores unknown fields.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use prost::Message;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::proto::{filesystem as fs, process as pr};
+
+/// The streaming shape of a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One request, one response.
+    Unary,
+    /// One request, a stream of responses.
+    ServerStream,
+    /// A stream of requests, one response.
+    ClientStream,
+}
+
+/// Transcoder from one wire form of a message to the other.
+pub type Transcode = fn(&[u8]) -> Result<Vec<u8>, String>;
+
+/// One RPC method.
+#[derive(Debug)]
+pub struct Method {
+    /// Streaming shape.
+    pub kind: Kind,
+    /// Request JSON → protobuf binary.
+    pub request_from_json: Transcode,
+    /// Response protobuf binary → JSON.
+    pub response_to_json: Transcode,
+}
+
+fn from_json<M: Message + DeserializeOwned + Default>(json: &[u8]) -> Result<Vec<u8>, String> {
+    let message = if json.iter().all(u8::is_ascii_whitespace) {
+        M::default()
+    } else {
+        serde_json::from_slice::<M>(json).map_err(|err| err.to_string())?
+    };
+    Ok(message.encode_to_vec())
+}
+
+fn to_json<M: Message + Serialize + Default>(binary: &[u8]) -> Result<Vec<u8>, String> {
+    let message = M::decode(binary).map_err(|err| err.to_string())?;
+    serde_json::to_vec(&message).map_err(|err| err.to_string())
+}
+
+macro_rules! methods {
+    ($($path:literal => $kind:ident, $request:ty, $response:ty;)*) => {
+        [$((
+            $path,
+            Method {
+                kind: Kind::$kind,
+                request_from_json: from_json::<$request>,
+                response_to_json: to_json::<$response>,
+            },
+        ),)*]
+    };
+}
+
+static METHODS: LazyLock<HashMap<&'static str, Method>> = LazyLock::new(|| {
+    HashMap::from(methods! {
+        "/filesystem.Filesystem/Stat" => Unary, fs::StatRequest, fs::StatResponse;
+        "/filesystem.Filesystem/MakeDir" => Unary, fs::MakeDirRequest, fs::MakeDirResponse;
+        "/filesystem.Filesystem/Move" => Unary, fs::MoveRequest, fs::MoveResponse;
+        "/filesystem.Filesystem/ListDir" => Unary, fs::ListDirRequest, fs::ListDirResponse;
+        "/filesystem.Filesystem/Remove" => Unary, fs::RemoveRequest, fs::RemoveResponse;
+        "/filesystem.Filesystem/WatchDir" => ServerStream, fs::WatchDirRequest, fs::WatchDirResponse;
+        "/filesystem.Filesystem/CreateWatcher" => Unary, fs::CreateWatcherRequest, fs::CreateWatcherResponse;
+        "/filesystem.Filesystem/GetWatcherEvents" => Unary, fs::GetWatcherEventsRequest, fs::GetWatcherEventsResponse;
+        "/filesystem.Filesystem/RemoveWatcher" => Unary, fs::RemoveWatcherRequest, fs::RemoveWatcherResponse;
+        "/process.Process/List" => Unary, pr::ListRequest, pr::ListResponse;
+        "/process.Process/Connect" => ServerStream, pr::ConnectRequest, pr::ConnectResponse;
+        "/process.Process/Start" => ServerStream, pr::StartRequest, pr::StartResponse;
+        "/process.Process/Update" => Unary, pr::UpdateRequest, pr::UpdateResponse;
+        "/process.Process/StreamInput" => ClientStream, pr::StreamInputRequest, pr::StreamInputResponse;
+        "/process.Process/SendInput" => Unary, pr::SendInputRequest, pr::SendInputResponse;
+        "/process.Process/SendSignal" => Unary, pr::SendSignalRequest, pr::SendSignalResponse;
+        "/process.Process/CloseStdin" => Unary, pr::CloseStdinRequest, pr::CloseStdinResponse;
+    })
+});
+
+/// The method served at `path` (`/package.Service/Method`), if any.
+pub fn method(path: &str) -> Option<&'static Method> {
+    METHODS.get(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_decoding_is_lenient_and_encoding_canonical() {
+        let stat = method("/filesystem.Filesystem/ListDir").expect("listed");
+        let binary = (stat.request_from_json)(br#"{"path":"/tmp","depth":2,"unknownField":[1]}"#)
+            .expect("decodes");
+        let decoded = fs::ListDirRequest::decode(binary.as_slice()).expect("proto");
+        assert_eq!(decoded.path, "/tmp");
+        assert_eq!(decoded.depth, 2);
+        assert!(
+            (stat.request_from_json)(b"")
+                .expect("empty body")
+                .is_empty()
+        );
+        assert!((stat.request_from_json)(b"{not json").is_err());
+
+        let entry = fs::EntryInfo {
+            name: "a".into(),
+            r#type: fs::FileType::File as i32,
+            size: 12,
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+            ..Default::default()
+        };
+        let response = fs::StatResponse { entry: Some(entry) }.encode_to_vec();
+        let json = (method("/filesystem.Filesystem/Stat")
+            .expect("listed")
+            .response_to_json)(&response)
+        .expect("encodes");
+        let value: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(
+            value,
+            serde_json::json!({"entry":{"name":"a","type":"FILE_TYPE_FILE","size":"12","metadata":{"k":"v"}}})
+        );
+    }
+
+    #[test]
+    fn process_json_uses_names_and_oneofs() {
+        let start = method("/process.Process/Start").expect("listed");
+        let binary = (start.request_from_json)(
+            br#"{"process":{"cmd":"/bin/bash","args":["-l","-c","echo hi"]},"stdin":false}"#,
+        )
+        .expect("decodes");
+        let request = pr::StartRequest::decode(binary.as_slice()).expect("proto");
+        assert_eq!(request.stdin, Some(false));
+        assert_eq!(request.process.expect("process").args.len(), 3);
+        let signal = method("/process.Process/SendSignal").expect("listed");
+        for json in [&br#"{"signal":"SIGNAL_SIGKILL"}"#[..], br#"{"signal":9}"#] {
+            let binary = (signal.request_from_json)(json).expect("decodes");
+            let request = pr::SendSignalRequest::decode(binary.as_slice()).expect("proto");
+            assert_eq!(request.signal, pr::Signal::Sigkill as i32);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! RPC: the tonic services (each RPC implemented once) and the protocol layers in front of
+//! them. gRPC reaches the services directly; gRPC-Web (tonic-web) and Connect
+//! ([`connect`]) are translations into gRPC. Every protocol passes through [`lifetime`],
+//! which applies the call's deadline and the daemon's shutdown.
+
+pub mod codec;
+pub mod connect;
+pub mod convert;
+pub mod envelope;
+pub mod filesystem;
+pub mod lifetime;
+pub mod process;
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{Request, StatusCode, header};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+use crate::error::Error;
+use crate::proto::{
+    filesystem::filesystem_server::FilesystemServer, process::process_server::ProcessServer,
+};
+use crate::state::AppState;
+
+/// The gRPC core every protocol ends in.
+pub type GrpcService =
+    BoxCloneSyncService<Request<tonic::body::Body>, http::Response<tonic::body::Body>, Infallible>;
+
+/// Runs blocking core work off the async runtime.
+///
+/// # Errors
+/// The work's own error, or [`Error::Internal`] if it panicked.
+pub async fn blocking<T, F>(work: F) -> Result<T, Error>
+where
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await?
+}
+
+/// The RPC side of the server: routes by protocol to the one set of services.
+#[derive(Clone)]
+pub struct Rpc {
+    grpc: GrpcService,
+}
+
+impl Rpc {
+    /// Builds the services (filesystem, process, reflection) over the shared state.
+    ///
+    /// # Errors
+    /// When the embedded descriptor set cannot be loaded for reflection (a build defect).
+    pub fn new(state: AppState) -> Result<Self, tonic_reflection::server::Error> {
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let routes = tonic::service::Routes::new(FilesystemServer::new(
+            filesystem::FilesystemService::new(state.clone()),
+        ))
+        .add_service(ProcessServer::new(process::ProcessService))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+        let services = GrpcService::new(routes);
+        let shutdown = state.shutdown.clone();
+        let grpc = tower::service_fn(move |request: Request<tonic::body::Body>| {
+            let services = services.clone();
+            let shutdown = shutdown.clone();
+            async move { Ok::<_, Infallible>(lifetime::call(services, request, shutdown).await) }
+        });
+        Ok(Rpc {
+            grpc: GrpcService::new(grpc),
+        })
+    }
+
+    /// True when `path` names an RPC (`/package.Service/Method`), not a REST resource.
+    pub fn is_rpc_path(path: &str) -> bool {
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let service = parts.next().unwrap_or("");
+        let method = parts.next().unwrap_or("");
+        service.contains('.') && !method.is_empty() && !method.contains('/')
+    }
+
+    /// Serves one RPC request by whichever protocol its content type names.
+    pub async fn serve(self, request: Request<Body>) -> Response {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if content_type.starts_with("application/grpc-web") {
+            let web = tonic_web::GrpcWebLayer::new().layer(self.grpc);
+            return match web.oneshot(request).await {
+                Ok(response) => response.map(Body::new),
+                Err(never) => match never {},
+            };
+        }
+        if content_type.starts_with("application/grpc") {
+            return match self.grpc.oneshot(request.map(tonic::body::Body::new)).await {
+                Ok(response) => response.map(Body::new),
+                Err(never) => match never {},
+            };
+        }
+        match connect::Shape::from_content_type(&content_type) {
+            Some(shape) => connect::serve(self.grpc, request, shape).await,
+            None => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported content type for an RPC: use gRPC, gRPC-Web or Connect",
+            )
+                .into_response(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_rpc_paths_from_rest_paths() {
+        assert!(Rpc::is_rpc_path("/filesystem.Filesystem/Stat"));
+        assert!(Rpc::is_rpc_path(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        ));
+        assert!(!Rpc::is_rpc_path("/files"));
+        assert!(!Rpc::is_rpc_path("/health"));
+        assert!(!Rpc::is_rpc_path("/filesystem.Filesystem/"));
+        assert!(!Rpc::is_rpc_path("/a.b/c/d"));
+    }
+}
