@@ -1,0 +1,311 @@
+//! Shared harness for the integration tests: starts the real `envd` binary on port 0 and
+//! waits for its ready line; small clients for Connect, gRPC-Web and xattr checks.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// A running daemon, killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The bound address (loopback).
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Daemon {
+    /// Starts the daemon on an ephemeral loopback port.
+    pub fn start() -> Daemon {
+        Daemon::start_with(&[], &[])
+    }
+
+    /// Starts the daemon with extra arguments and environment.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_envd"));
+        command
+            .args(["--addr", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("ENVD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn envd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the ready line");
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|err| panic!("ready line {line:?} is not JSON: {err}"));
+        assert_eq!(ready["event"], "listening", "{line}");
+        let addr: SocketAddr = ready["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("socket address");
+        Daemon {
+            child: Some(child),
+            addr,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{field}:")))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// Sends a signal and waits for the exit.
+    pub fn signal_and_wait(mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal");
+        child.wait().expect("wait")
+    }
+
+    /// A URL on the daemon.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 client.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("client")
+}
+
+/// True when `dir`'s filesystem takes `user.*` attributes.
+pub fn xattrs_supported(dir: &Path) -> bool {
+    let probe = dir.join(".xattr-probe");
+    std::fs::write(&probe, b"").expect("probe");
+    let ok = xattr::set(&probe, "user.probe", b"1").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// Skips the calling test (returns from it) when `user.*` xattrs are unsupported.
+#[macro_export]
+macro_rules! require_xattrs {
+    ($dir:expr) => {
+        if !$crate::common::xattrs_supported($dir) {
+            eprintln!("skipping: no user.* xattrs on {}", $dir.display());
+            return;
+        }
+    };
+}
+
+/// What `getfattr -d -m '^user\.e2b\.'` shows for `path`, prefix stripped.
+pub fn getfattr(path: &Path) -> BTreeMap<String, String> {
+    let output = Command::new("getfattr")
+        .args(["--absolute-names", "-d", "-m", r"^user\.e2b\."])
+        .arg(path)
+        .output()
+        .expect("getfattr (Debian package `attr`) must be installed");
+    assert!(output.status.success(), "getfattr failed: {output:?}");
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    text.lines()
+        .filter_map(|line| line.strip_prefix("user.e2b."))
+        .map(|line| {
+            let (key, value) = line.split_once('=').unwrap_or((line, "\"\""));
+            (key.to_owned(), value.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+/// A `BTreeMap<String, String>` from pairs.
+pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Uploads `content` to `path` as `application/octet-stream` with metadata headers.
+pub async fn upload(
+    daemon: &Daemon,
+    path: &Path,
+    content: impl Into<reqwest::Body>,
+    metadata: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = http()
+        .post(daemon.url("/files"))
+        .query(&[("path", path.to_str().expect("utf-8 path"))])
+        .header("content-type", "application/octet-stream")
+        .body(content);
+    for (key, value) in metadata {
+        request = request.header(format!("X-Metadata-{key}"), *value);
+    }
+    request.send().await.expect("upload")
+}
+
+/// Connect unary call with a JSON body; returns (HTTP status, JSON body).
+pub async fn connect_json(
+    daemon: &Daemon,
+    method: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = http()
+        .post(daemon.url(method))
+        .header("content-type", "application/json")
+        .header("connect-protocol-version", "1")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("connect call");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?} is not JSON: {err}"));
+    (status, json)
+}
+
+/// Connect unary call with a binary protobuf body.
+pub async fn connect_proto<Req: prost::Message, Resp: prost::Message + Default>(
+    daemon: &Daemon,
+    method: &str,
+    request: &Req,
+) -> Result<Resp, (u16, serde_json::Value)> {
+    let response = http()
+        .post(daemon.url(method))
+        .header("content-type", "application/proto")
+        .body(request.encode_to_vec())
+        .send()
+        .await
+        .expect("connect call");
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("body");
+    if status == 200 {
+        Ok(Resp::decode(body).expect("protobuf response"))
+    } else {
+        Err((status, serde_json::from_slice(&body).expect("JSON error")))
+    }
+}
+
+/// Frames a message with the 5-byte envelope header.
+pub fn envelope(flags: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(flags);
+    out.put_u32(u32::try_from(payload.len()).expect("small"));
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Splits a body into (flags, payload) envelopes.
+pub fn envelopes(mut body: Bytes) -> Vec<(u8, Bytes)> {
+    let mut out = Vec::new();
+    while body.remaining() >= 5 {
+        let flags = body.get_u8();
+        let len = body.get_u32() as usize;
+        out.push((flags, body.split_to(len)));
+    }
+    assert!(body.is_empty(), "trailing bytes in an envelope stream");
+    out
+}
+
+/// gRPC-Web unary call (binary); returns the message and the trailer text.
+pub async fn grpc_web<Req: prost::Message, Resp: prost::Message + Default>(
+    daemon: &Daemon,
+    method: &str,
+    request: &Req,
+) -> (Option<Resp>, String) {
+    let response = http()
+        .post(daemon.url(method))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(envelope(0, &request.encode_to_vec()))
+        .send()
+        .await
+        .expect("grpc-web call");
+    assert_eq!(response.status(), 200);
+    let mut message = None;
+    // A call that fails before any message answers "trailers-only": the status is in the
+    // HTTP headers instead of a trailer frame.
+    let mut trailers = response
+        .headers()
+        .get("grpc-status")
+        .map(|status| format!("grpc-status:{}", status.to_str().expect("ascii")))
+        .unwrap_or_default();
+    for (flags, payload) in envelopes(response.bytes().await.expect("body")) {
+        if flags & 0x80 != 0 {
+            trailers.push_str(std::str::from_utf8(&payload).expect("trailers"));
+        } else {
+            message = Some(Resp::decode(payload).expect("message"));
+        }
+    }
+    (message, trailers)
+}
+
+/// A tonic channel to the daemon (gRPC over cleartext HTTP/2).
+pub async fn grpc_channel(daemon: &Daemon) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(daemon.base.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("gRPC connect")
+}
+
+/// Blocks until `condition` holds, re-checking whenever an entry of `dir` is created,
+/// removed or renamed (inotify), so the wait is event-driven, with a hard `limit`.
+pub fn wait_for_dir_change(
+    dir: &Path,
+    condition: impl Fn() -> bool,
+    limit: std::time::Duration,
+    what: &str,
+) {
+    use inotify::{Inotify, WatchMask};
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+
+    let mut inotify = Inotify::init().expect("inotify");
+    inotify
+        .watches()
+        .add(
+            dir,
+            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_FROM | WatchMask::MOVED_TO,
+        )
+        .expect("watch");
+    let deadline = std::time::Instant::now() + limit;
+    let mut buffer = [0u8; 4096];
+    while !condition() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "timed out waiting for {what}");
+        let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(millis)).expect("poll");
+        match inotify.read_events(&mut buffer) {
+            Ok(events) => events.for_each(drop),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("reading inotify events: {err}"),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The server itself: the ready line, routing of unknown paths, graceful shutdown with a
+//! request in flight.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+
+use common::{Daemon, http};
+use nix::sys::signal::Signal;
+
+#[tokio::test]
+async fn health_and_unknown_paths() {
+    let daemon = Daemon::start();
+    let response = http()
+        .get(daemon.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(response.status(), 204);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let response = http().get(daemon.url("/nope")).send().await.expect("get");
+    assert_eq!(response.status(), 404);
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_upload_finish_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start();
+    let path = dir.path().join("inflight.txt");
+    let mut socket = TcpStream::connect(daemon.addr).expect("connect");
+    let head = format!(
+        "POST /files?path={} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 10\r\nConnection: close\r\n\r\n01234",
+        path.display()
+    );
+    socket.write_all(head.as_bytes()).expect("head");
+    common::wait_for_dir_change(
+        dir.path(),
+        || {
+            std::fs::read_dir(dir.path())
+                .map(|d| d.count() > 0)
+                .unwrap_or(false)
+        },
+        std::time::Duration::from_secs(20),
+        "the upload to start",
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    socket.write_all(b"56789").expect("rest of the body");
+    let mut status_line = String::new();
+    BufReader::new(&socket)
+        .read_line(&mut status_line)
+        .expect("response");
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    assert_eq!(std::fs::read(&path).expect("read"), b"0123456789");
+    let status = daemon.signal_and_wait(Signal::SIGTERM);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn sigint_on_an_idle_daemon_exits_zero() {
+    let daemon = Daemon::start();
+    let status = daemon.signal_and_wait(Signal::SIGINT);
+    assert_eq!(status.code(), Some(0));
+}
