@@ -7,10 +7,12 @@
 //! - [`http`]: REST resources (`/health`, `/files`).
 //! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
 //! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
+//! - [`env`]: the environment new processes get (internal and `/init` variables).
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
 pub mod config;
+pub mod env;
 pub mod error;
 pub mod fs;
 pub mod http;
