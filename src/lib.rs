@@ -8,6 +8,8 @@
 //! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
 //! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
+//! - [`process`]: the transport-free process core (spawn, PTY, output fan-out, signals).
+//! - [`sys`]: the one module allowed `unsafe` (pre-exec child setup, terminal ioctls).
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
@@ -17,7 +19,9 @@ pub mod error;
 pub mod fs;
 pub mod http;
 pub mod identity;
+pub mod process;
 pub mod proto;
 pub mod rpc;
 pub mod server;
 pub mod state;
+pub mod sys;

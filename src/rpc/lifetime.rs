@@ -65,7 +65,7 @@ fn status_response(status: Status) -> Response<tonic::body::Body> {
 }
 
 /// Parses gRPC's `grpc-timeout` (`<digits><unit>`, at most 8 digits).
-fn parse_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+pub fn parse_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let text = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {

@@ -62,7 +62,10 @@ impl Rpc {
         let routes = tonic::service::Routes::new(FilesystemServer::new(
             filesystem::FilesystemService::new(state.clone()),
         ))
-        .add_service(ProcessServer::new(process::ProcessService))
+        .add_service(ProcessServer::new(process::ProcessService::new(
+            state.clone(),
+            crate::process::registry::ProcessTable::new(),
+        )))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
         let services = GrpcService::new(routes);

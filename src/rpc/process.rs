@@ -1,84 +1,336 @@
-//! The `process.Process` service. Registered so every protocol routes to it; its methods
-//! answer `unimplemented` until the process core lands.
+//! The `process.Process` service: thin adapters from protobuf to the process core and back.
+//! Event streams are fed by one producer task per stream through a bounded channel; a
+//! failed send means the client left (the process keeps running).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::proto::process::{self as pb, process_server::Process};
+use crate::error::Error;
+use crate::process::exit::Exit;
+use crate::process::output::{Event, Stream as OutputStream, Subscription};
+use crate::process::registry::{Config, Found, Process, ProcessTable, Selector};
+use crate::process::spawn::Spec;
+use crate::proto::process::{self as pb, process_event, process_server::Process as ProcessRpc};
+use crate::rpc::lifetime::parse_grpc_timeout;
+use crate::state::AppState;
+
+/// Keepalive interval when the client asks for none (or for nonsense), as envd.
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
+/// Events buffered between a stream's producer and the client.
+const STREAM_BUFFER: usize = 16;
 
 /// The process RPCs.
-#[derive(Debug, Clone, Default)]
-pub struct ProcessService;
+#[derive(Clone)]
+pub struct ProcessService {
+    state: AppState,
+    table: Arc<ProcessTable>,
+}
+
+impl ProcessService {
+    /// A service over the shared state and process table.
+    pub fn new(state: AppState, table: Arc<ProcessTable>) -> Self {
+        ProcessService { state, table }
+    }
+}
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn unavailable<T>() -> Result<T, Status> {
-    Err(Status::unimplemented(
-        "process management is not available in this build",
-    ))
+/// `Keepalive-Ping-Interval` in seconds; anything but a positive integer is the default.
+fn keepalive_interval(metadata: &MetadataMap) -> Duration {
+    metadata
+        .get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|seconds| *seconds > 0)
+        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs)
+}
+
+fn selector(selector: Option<pb::ProcessSelector>) -> Result<Selector, Status> {
+    match selector.and_then(|s| s.selector) {
+        Some(pb::process_selector::Selector::Pid(pid)) => Ok(Selector::Pid(pid)),
+        Some(pb::process_selector::Selector::Tag(tag)) => Ok(Selector::Tag(tag)),
+        None => Err(Status::invalid_argument(
+            "a process selector (pid or tag) is required",
+        )),
+    }
+}
+
+fn event(event: process_event::Event) -> pb::ProcessEvent {
+    pb::ProcessEvent { event: Some(event) }
+}
+
+fn end_event(exit: Exit) -> pb::ProcessEvent {
+    event(process_event::Event::End(process_event::EndEvent {
+        exit_code: exit.exit_code,
+        exited: exit.exited,
+        status: exit.status,
+        error: exit.error,
+    }))
+}
+
+fn data_event(stream: OutputStream, data: bytes::Bytes) -> pb::ProcessEvent {
+    use process_event::data_event::Output;
+    let output = match stream {
+        OutputStream::Stdout => Output::Stdout(data.to_vec()),
+        OutputStream::Stderr => Output::Stderr(data.to_vec()),
+        OutputStream::Pty => Output::Pty(data.to_vec()),
+    };
+    event(process_event::Event::Data(process_event::DataEvent {
+        output: Some(output),
+    }))
+}
+
+/// Streams `start`, then output and keepalives, then the end, wrapping each event with
+/// `wrap` (StartResponse or ConnectResponse).
+fn event_stream<T: Send + 'static>(
+    pid: u32,
+    source: Result<Subscription, Exit>,
+    keepalive: Duration,
+    wrap: fn(pb::ProcessEvent) -> T,
+) -> EventStream<T> {
+    let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let start = event(process_event::Event::Start(process_event::StartEvent {
+            pid,
+        }));
+        if tx.send(Ok(wrap(start))).await.is_err() {
+            return;
+        }
+        let mut subscription = match source {
+            Ok(subscription) => subscription,
+            Err(exit) => {
+                let _ = tx.send(Ok(wrap(end_event(exit)))).await;
+                return;
+            }
+        };
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        loop {
+            let message = tokio::select! {
+                next = subscription.next() => match next {
+                    Event::Data(chunk) => {
+                        ticker.reset();
+                        Ok(wrap(data_event(chunk.stream, chunk.data)))
+                    }
+                    Event::End(exit) => {
+                        let _ = tx.send(Ok(wrap(end_event(exit)))).await;
+                        return;
+                    }
+                    Event::Evicted => Err(Status::resource_exhausted(
+                        "this client fell too far behind the process output and was dropped; reconnect to resume",
+                    )),
+                },
+                _ = ticker.tick() => Ok(wrap(event(process_event::Event::Keepalive(process_event::KeepAlive {})))),
+                () = tx.closed() => return,
+            };
+            let last = message.is_err();
+            if tx.send(message).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 #[tonic::async_trait]
-impl Process for ProcessService {
+impl ProcessRpc for ProcessService {
     async fn list(
         &self,
         _: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        unavailable()
+        let processes = self
+            .table
+            .list()
+            .into_iter()
+            .map(|p| pb::ProcessInfo {
+                config: Some(pb::ProcessConfig {
+                    cmd: p.config.cmd.clone(),
+                    args: p.config.args.clone(),
+                    envs: p.config.envs.clone().into_iter().collect(),
+                    cwd: p.config.cwd.clone(),
+                }),
+                pid: p.pid,
+                tag: p.tag.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListResponse { processes }))
     }
 
     type ConnectStream = EventStream<pb::ConnectResponse>;
 
     async fn connect(
         &self,
-        _: Request<pb::ConnectRequest>,
+        request: Request<pb::ConnectRequest>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        unavailable()
+        let keepalive = keepalive_interval(request.metadata());
+        let selector = selector(request.into_inner().process)?;
+        let (pid, source) = match self.table.find(&selector)? {
+            Found::Live(process) => (process.pid, process.subscribe()),
+            Found::Ended(pid, exit) => (pid, Err(exit)),
+        };
+        let wrap = |event| pb::ConnectResponse { event: Some(event) };
+        Ok(Response::new(event_stream(pid, source, keepalive, wrap)))
     }
 
     type StartStream = EventStream<pb::StartResponse>;
 
     async fn start(
         &self,
-        _: Request<pb::StartRequest>,
+        request: Request<pb::StartRequest>,
     ) -> Result<Response<Self::StartStream>, Status> {
-        unavailable()
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes().to_vec());
+        let requester = self.state.identity.for_rpc(authorization.as_deref())?;
+        let keepalive = keepalive_interval(request.metadata());
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|_| parse_grpc_timeout(request.metadata().as_ref()))
+            .filter(|limit| !limit.is_zero());
+        let pb::StartRequest {
+            process,
+            pty,
+            tag,
+            stdin,
+        } = request.into_inner();
+        let process =
+            process.ok_or_else(|| Status::invalid_argument("process config is required"))?;
+        let size = pty.map(|pty| {
+            let size = pty.size.unwrap_or_default();
+            (clamp_u16(size.cols), clamp_u16(size.rows))
+        });
+        let config = Config {
+            cmd: process.cmd.clone(),
+            args: process.args.clone(),
+            envs: process.envs.clone().into_iter().collect(),
+            cwd: process.cwd.clone(),
+        };
+        let cwd = requester.resolve(process.cwd.as_deref().unwrap_or(""))?;
+        let spec = Spec {
+            cmd: process.cmd,
+            args: process.args,
+            envs: config.envs.clone(),
+            base_env: self.state.env.snapshot(),
+            cwd,
+            user: requester.user,
+            pty: size,
+            stdin: stdin.unwrap_or(true),
+        };
+        let table = self.table.clone();
+        let (process, subscription) = crate::rpc::blocking(move || {
+            if !spec.cwd.exists() {
+                return Err(Error::InvalidArgument(format!(
+                    "cwd '{}' does not exist",
+                    spec.cwd.display()
+                )));
+            }
+            Ok(spec)
+        })
+        .await
+        .and_then(|spec| table.start(&spec, config, tag, deadline))?;
+        let wrap = |event| pb::StartResponse { event: Some(event) };
+        Ok(Response::new(event_stream(
+            process.pid,
+            Ok(subscription),
+            keepalive,
+            wrap,
+        )))
     }
 
     async fn update(
         &self,
-        _: Request<pb::UpdateRequest>,
+        request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateResponse>, Status> {
-        unavailable()
+        let pb::UpdateRequest { process, pty } = request.into_inner();
+        let process = self.table.live(&selector(process)?)?;
+        if let Some(pty) = pty {
+            let size = pty.size.unwrap_or_default();
+            process.resize(clamp_u16(size.cols), clamp_u16(size.rows))?;
+        }
+        Ok(Response::new(pb::UpdateResponse {}))
     }
 
     async fn stream_input(
         &self,
-        _: Request<Streaming<pb::StreamInputRequest>>,
+        request: Request<Streaming<pb::StreamInputRequest>>,
     ) -> Result<Response<pb::StreamInputResponse>, Status> {
-        unavailable()
+        use pb::stream_input_request::Event as InputEvent;
+        let mut messages = request.into_inner();
+        let mut target: Option<Arc<Process>> = None;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|status| {
+                Status::unknown(format!("error streaming input: {}", status.message()))
+            })?;
+            match message.event {
+                Some(InputEvent::Start(start)) => {
+                    target = Some(self.table.live(&selector(start.process)?)?)
+                }
+                Some(InputEvent::Data(data)) => {
+                    let process = target.as_ref().ok_or_else(|| {
+                        Status::failed_precondition(
+                            "input arrived before the start message that selects the process",
+                        )
+                    })?;
+                    write_input(process, data.input).await?;
+                }
+                Some(InputEvent::Keepalive(_)) | None => {}
+            }
+        }
+        Ok(Response::new(pb::StreamInputResponse {}))
     }
 
     async fn send_input(
         &self,
-        _: Request<pb::SendInputRequest>,
+        request: Request<pb::SendInputRequest>,
     ) -> Result<Response<pb::SendInputResponse>, Status> {
-        unavailable()
+        let pb::SendInputRequest { process, input } = request.into_inner();
+        let process = self.table.live(&selector(process)?)?;
+        write_input(&process, input).await?;
+        Ok(Response::new(pb::SendInputResponse {}))
     }
 
     async fn send_signal(
         &self,
-        _: Request<pb::SendSignalRequest>,
+        request: Request<pb::SendSignalRequest>,
     ) -> Result<Response<pb::SendSignalResponse>, Status> {
-        unavailable()
+        let pb::SendSignalRequest { process, signal } = request.into_inner();
+        let signal = match pb::Signal::try_from(signal) {
+            Ok(pb::Signal::Sigkill) => Signal::SIGKILL,
+            Ok(pb::Signal::Sigterm) => Signal::SIGTERM,
+            _ => return Err(Status::unimplemented(format!("invalid signal: {signal}"))),
+        };
+        self.table.live(&selector(process)?)?.kill(signal);
+        Ok(Response::new(pb::SendSignalResponse {}))
     }
 
     async fn close_stdin(
         &self,
-        _: Request<pb::CloseStdinRequest>,
+        request: Request<pb::CloseStdinRequest>,
     ) -> Result<Response<pb::CloseStdinResponse>, Status> {
-        unavailable()
+        let process = self.table.live(&selector(request.into_inner().process)?)?;
+        process.close_stdin().await?;
+        Ok(Response::new(pb::CloseStdinResponse {}))
     }
+}
+
+async fn write_input(process: &Process, input: Option<pb::ProcessInput>) -> Result<(), Status> {
+    match input.and_then(|i| i.input) {
+        Some(pb::process_input::Input::Stdin(data)) => Ok(process.write_stdin(&data).await?),
+        Some(pb::process_input::Input::Pty(data)) => Ok(process.write_pty(&data).await?),
+        None => Err(Status::unimplemented("input must be stdin or pty bytes")),
+    }
+}
+
+fn clamp_u16(value: u32) -> u16 {
+    u16::try_from(value).unwrap_or(u16::MAX)
 }

@@ -1,0 +1,99 @@
+//! The only module allowed `unsafe`: what a child needs between `fork` and `exec`, and the
+//! terminal ioctls. Every block says why it is sound.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Credentials and setup applied in the child before `exec`.
+#[derive(Debug, Clone)]
+pub struct ChildSetup {
+    /// `(uid, primary gid, supplementary gids)` to switch to; `None` keeps the daemon's.
+    pub credentials: Option<(u32, u32, Vec<u32>)>,
+    /// Make the child's stdin (a PTY slave) its controlling terminal.
+    pub controlling_tty: bool,
+    /// `oom_score_adj` for the child: user work is killed before the daemon.
+    pub oom_score_adj: Option<i32>,
+}
+
+/// Installs `setup` to run in the child after `fork`: a new session (so the child leads
+/// its own process group and signals can reach the whole group), the controlling
+/// terminal, priority and OOM score reset, then groups, gid and uid.
+pub fn configure_child(command: &mut tokio::process::Command, setup: ChildSetup) {
+    let groups: Vec<libc::gid_t> = setup
+        .credentials
+        .as_ref()
+        .map(|(_, _, groups)| groups.clone())
+        .unwrap_or_default();
+    let oom = setup
+        .oom_score_adj
+        .map(|score| format!("{score}\n").into_bytes());
+    // SAFETY: the closure runs in the forked child before exec. It only makes
+    // async-signal-safe system calls (setsid, ioctl, setpriority, open, write, close,
+    // setgroups, setgid, setuid) and allocates nothing: `groups` and `oom` were prepared
+    // above, in the parent, and are only borrowed here.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if setup.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Undo the daemon's own scheduling boosts (it may run at nice -20).
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            if let Some(oom) = &oom {
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, oom.as_ptr().cast(), oom.len());
+                    libc::close(fd);
+                }
+            }
+            if let Some((uid, gid, _)) = setup.credentials {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sets a terminal's window size.
+///
+/// # Errors
+/// The OS error of `TIOCSWINSZ`.
+pub fn set_window_size(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `fd` is a live descriptor for the borrow's lifetime and `size` is a valid
+    // `winsize` that the kernel only reads.
+    let result = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Registers an owned descriptor (already non-blocking) with the tokio reactor.
+///
+/// # Errors
+/// The reactor's registration error.
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the `AsyncFd` takes ownership of `fd`, so the descriptor stays open for as long
+    // as it is registered and is closed only when the `AsyncFd` (deregistering first) drops.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|err| err.into_parts().1)
+}
