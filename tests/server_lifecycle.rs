@@ -63,3 +63,39 @@ fn sigint_on_an_idle_daemon_exits_zero() {
     let status = daemon.signal_and_wait(Signal::SIGINT);
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_cleanly() {
+    use futures_util::StreamExt;
+    let daemon = Daemon::start();
+    let body = common::envelope(0, br#"{"process":{"cmd":"/bin/sleep","args":["1000"]}}"#);
+    let response = http()
+        .post(daemon.url("/process.Process/Start"))
+        .header("content-type", "application/connect+json")
+        .body(body)
+        .send()
+        .await
+        .expect("start");
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let first = body.next().await.expect("start event").expect("bytes");
+    let start: serde_json::Value = serde_json::from_slice(&first[5..]).expect("json");
+    let child = start["event"]["start"]["pid"].as_u64().expect("pid");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream ends cleanly, not with a reset"));
+    }
+    let frames = common::envelopes(rest.into());
+    let (flags, payload) = frames.last().expect("end-stream envelope");
+    assert_eq!(*flags, 0x02);
+    let end: serde_json::Value = serde_json::from_slice(payload).expect("json");
+    assert_eq!(end["error"]["code"], "unavailable", "{end}");
+    let status = daemon.signal_and_wait(Signal::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child).expect("pid")),
+        Signal::SIGKILL,
+    );
+}
