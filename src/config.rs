@@ -13,6 +13,11 @@ pub const DEFAULT_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The user requests act as when they name none (envd's default until `/init` changes it).
 pub const DEFAULT_USER: &str = "root";
+/// Directory watchers at once: each is an inotify instance, and the kernel allows 128 per
+/// user by default (`fs.inotify.max_user_instances`), shared with everything else root runs.
+pub const DEFAULT_MAX_WATCHERS: usize = 100;
+/// A polling watcher nobody polls for this long is removed.
+pub const DEFAULT_WATCHER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -34,6 +39,12 @@ pub struct Cli {
     /// The user requests act as when they name none.
     #[arg(long, env = "ENVD_DEFAULT_USER", default_value = DEFAULT_USER)]
     pub default_user: String,
+    /// Directory watchers (streams and polling) allowed at once.
+    #[arg(long, env = "ENVD_MAX_WATCHERS", default_value_t = DEFAULT_MAX_WATCHERS)]
+    pub max_watchers: usize,
+    /// Seconds after which a polling watcher nobody polls is removed.
+    #[arg(long, env = "ENVD_WATCHER_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_WATCHER_IDLE_TIMEOUT.as_secs())]
+    pub watcher_idle_timeout_secs: u64,
 }
 
 /// Validated configuration.
@@ -45,6 +56,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The initial default user.
     pub default_user: String,
+    /// Directory watchers allowed at once.
+    pub max_watchers: usize,
+    /// Idle time after which a polling watcher is removed.
+    pub watcher_idle_timeout: Duration,
 }
 
 impl Config {
@@ -60,6 +75,8 @@ impl Config {
             listen: SocketAddr::new(cli.addr, cli.port),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_secs),
             default_user: cli.default_user,
+            max_watchers: cli.max_watchers,
+            watcher_idle_timeout: Duration::from_secs(cli.watcher_idle_timeout_secs),
         })
     }
 
@@ -69,6 +86,8 @@ impl Config {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             default_user: DEFAULT_USER.into(),
+            max_watchers: DEFAULT_MAX_WATCHERS,
+            watcher_idle_timeout: DEFAULT_WATCHER_IDLE_TIMEOUT,
         }
     }
 }

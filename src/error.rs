@@ -33,6 +33,9 @@ pub enum Error {
     /// The disk, the inode table or the quota is full (HTTP 507).
     #[error("{0}")]
     InsufficientStorage(String),
+    /// A limit of the daemon or the kernel is reached (too many watchers, a full queue).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The operation is not supported by this daemon (yet).
     #[error("{0}")]
     Unimplemented(String),
@@ -74,6 +77,7 @@ impl Error {
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Io { .. } | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -87,7 +91,9 @@ impl Error {
             Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
-            Error::InsufficientStorage(_) => tonic::Code::ResourceExhausted,
+            Error::InsufficientStorage(_) | Error::ResourceExhausted(_) => {
+                tonic::Code::ResourceExhausted
+            }
             Error::Unimplemented(_) => tonic::Code::Unimplemented,
             Error::Io { .. } | Error::Internal(_) => tonic::Code::Internal,
         }

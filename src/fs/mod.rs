@@ -8,4 +8,5 @@ pub mod metadata;
 pub mod ops;
 pub mod path;
 pub mod user;
+pub mod watch;
 pub mod write;

@@ -4,6 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::fs::entry::{EntryInfo, FileKind};
+use crate::fs::watch::{EventKind, FsEvent};
 use crate::proto::filesystem as pb;
 
 impl From<FileKind> for pb::FileType {
@@ -33,6 +34,28 @@ impl From<EntryInfo> for pb::EntryInfo {
                 .map(|target| target.to_string_lossy().into_owned()),
             metadata: entry.metadata.into_iter().collect(),
             is_symlink: entry.is_symlink,
+        }
+    }
+}
+
+impl From<EventKind> for pb::EventType {
+    fn from(kind: EventKind) -> Self {
+        match kind {
+            EventKind::Create => pb::EventType::Create,
+            EventKind::Write => pb::EventType::Write,
+            EventKind::Remove => pb::EventType::Remove,
+            EventKind::Rename => pb::EventType::Rename,
+            EventKind::Chmod => pb::EventType::Chmod,
+        }
+    }
+}
+
+impl From<FsEvent> for pb::FilesystemEvent {
+    fn from(event: FsEvent) -> Self {
+        pb::FilesystemEvent {
+            name: event.name,
+            r#type: pb::EventType::from(event.kind) as i32,
+            entry: event.entry.map(Into::into),
         }
     }
 }

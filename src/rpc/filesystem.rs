@@ -1,27 +1,71 @@
 //! The `filesystem.Filesystem` service: thin adapters from protobuf to `fs` and back.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::fs::ops;
+use crate::fs::watch::polling::PollingWatchers;
+use crate::fs::watch::{Notice, Watch, WatchLimits, WatchSpec};
 use crate::identity::Requester;
-use crate::proto::filesystem::{self as pb, filesystem_server::Filesystem};
-use crate::rpc::blocking;
+use crate::proto::filesystem::{self as pb, filesystem_server::Filesystem, watch_dir_response};
+use crate::rpc::{blocking, keepalive_interval};
 use crate::state::AppState;
 
+/// Events buffered between a watch stream's producer and the client.
+const STREAM_BUFFER: usize = 64;
+
 /// The filesystem RPCs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FilesystemService {
     state: AppState,
+    limits: Arc<WatchLimits>,
+    polling: Arc<PollingWatchers>,
 }
 
 impl FilesystemService {
-    /// A service over the shared state.
+    /// A service over the shared state; starts the sweeper of idle polling watchers.
     pub fn new(state: AppState) -> Self {
-        FilesystemService { state }
+        let limits = WatchLimits::new(state.config.max_watchers);
+        let polling = PollingWatchers::new(limits.clone(), state.config.watcher_idle_timeout);
+        let sweeper = Arc::downgrade(&polling);
+        let period = (state.config.watcher_idle_timeout / 4).max(std::time::Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            loop {
+                ticker.tick().await;
+                match sweeper.upgrade() {
+                    Some(polling) => polling.sweep(),
+                    None => return,
+                }
+            }
+        });
+        FilesystemService {
+            state,
+            limits,
+            polling,
+        }
+    }
+
+    fn watch_spec(
+        &self,
+        requester: &Requester,
+        path: &str,
+        recursive: bool,
+        include_entry: bool,
+        allow_network_mounts: bool,
+    ) -> Result<WatchSpec, Status> {
+        Ok(WatchSpec {
+            path: requester.resolve(path)?,
+            recursive,
+            include_entry,
+            allow_network_mounts,
+        })
     }
 
     fn requester<T>(&self, request: &Request<T>) -> Result<Requester, Status> {
@@ -34,10 +78,6 @@ impl FilesystemService {
 }
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-fn watchers_unavailable() -> Status {
-    Error::Unimplemented("directory watching is not available in this build".into()).into()
-}
 
 #[tonic::async_trait]
 impl Filesystem for FilesystemService {
@@ -126,29 +166,108 @@ impl Filesystem for FilesystemService {
 
     async fn watch_dir(
         &self,
-        _request: Request<pb::WatchDirRequest>,
+        request: Request<pb::WatchDirRequest>,
     ) -> Result<Response<Self::WatchDirStream>, Status> {
-        Err(watchers_unavailable())
+        let requester = self.requester(&request)?;
+        let keepalive = keepalive_interval(request.metadata());
+        let pb::WatchDirRequest {
+            path,
+            recursive,
+            include_entry,
+            allow_network_mounts,
+        } = request.into_inner();
+        let spec = self.watch_spec(
+            &requester,
+            &path,
+            recursive,
+            include_entry,
+            allow_network_mounts,
+        )?;
+        let limits = self.limits.clone();
+        let watch = blocking(move || Watch::open(spec, &limits)).await?;
+        Ok(Response::new(watch_stream(watch, keepalive)))
     }
 
     async fn create_watcher(
         &self,
-        _request: Request<pb::CreateWatcherRequest>,
+        request: Request<pb::CreateWatcherRequest>,
     ) -> Result<Response<pb::CreateWatcherResponse>, Status> {
-        Err(watchers_unavailable())
+        let requester = self.requester(&request)?;
+        let pb::CreateWatcherRequest {
+            path,
+            recursive,
+            include_entry,
+            allow_network_mounts,
+        } = request.into_inner();
+        let spec = self.watch_spec(
+            &requester,
+            &path,
+            recursive,
+            include_entry,
+            allow_network_mounts,
+        )?;
+        let polling = self.polling.clone();
+        let watcher_id = blocking(move || polling.create(spec)).await?;
+        Ok(Response::new(pb::CreateWatcherResponse { watcher_id }))
     }
 
     async fn get_watcher_events(
         &self,
-        _request: Request<pb::GetWatcherEventsRequest>,
+        request: Request<pb::GetWatcherEventsRequest>,
     ) -> Result<Response<pb::GetWatcherEventsResponse>, Status> {
-        Err(watchers_unavailable())
+        let events = self.polling.events(&request.into_inner().watcher_id)?;
+        Ok(Response::new(pb::GetWatcherEventsResponse {
+            events: events.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn remove_watcher(
         &self,
-        _request: Request<pb::RemoveWatcherRequest>,
+        request: Request<pb::RemoveWatcherRequest>,
     ) -> Result<Response<pb::RemoveWatcherResponse>, Status> {
-        Err(watchers_unavailable())
+        self.polling.remove(&request.into_inner().watcher_id)?;
+        Ok(Response::new(pb::RemoveWatcherResponse {}))
     }
+}
+
+fn watch_event(event: watch_dir_response::Event) -> pb::WatchDirResponse {
+    pb::WatchDirResponse { event: Some(event) }
+}
+
+/// `start`, then filesystem events and keepalives, until the watch ends (with its error)
+/// or the client leaves (which drops the watch and its kernel watches).
+fn watch_stream(
+    mut watch: Watch,
+    keepalive: std::time::Duration,
+) -> EventStream<pb::WatchDirResponse> {
+    let (tx, rx) = mpsc::channel::<Result<pb::WatchDirResponse, Status>>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let start = watch_event(watch_dir_response::Event::Start(
+            watch_dir_response::StartEvent {},
+        ));
+        if tx.send(Ok(start)).await.is_err() {
+            return;
+        }
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        loop {
+            let message = tokio::select! {
+                notice = watch.next() => match notice {
+                    Some(Notice::Event(event)) => {
+                        ticker.reset();
+                        Ok(watch_event(watch_dir_response::Event::Filesystem(event.into())))
+                    }
+                    Some(Notice::Ended(err)) => Err(Status::from(err)),
+                    None => Err(Status::internal("the watcher stopped")),
+                },
+                _ = ticker.tick() => Ok(watch_event(watch_dir_response::Event::Keepalive(watch_dir_response::KeepAlive {}))),
+                () = tx.closed() => return,
+            };
+            let last = message.is_err();
+            if tx.send(message).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }

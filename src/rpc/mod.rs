@@ -41,6 +41,20 @@ where
     tokio::task::spawn_blocking(work).await?
 }
 
+/// Keepalive interval when the client asks for none (or for nonsense), as envd.
+pub const DEFAULT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// `Keepalive-Ping-Interval` in seconds; anything but a positive integer means
+/// [`DEFAULT_KEEPALIVE`] (envd panics on zero or less).
+pub fn keepalive_interval(metadata: &tonic::metadata::MetadataMap) -> std::time::Duration {
+    metadata
+        .get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|seconds| *seconds > 0)
+        .map_or(DEFAULT_KEEPALIVE, std::time::Duration::from_secs)
+}
+
 /// The RPC side of the server: routes by protocol to the one set of services.
 #[derive(Clone)]
 pub struct Rpc {

@@ -10,7 +10,6 @@ use futures_util::{Stream, StreamExt};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
@@ -19,11 +18,10 @@ use crate::process::output::{Event, Stream as OutputStream, Subscription};
 use crate::process::registry::{Config, Found, Process, ProcessTable, Selector};
 use crate::process::spawn::Spec;
 use crate::proto::process::{self as pb, process_event, process_server::Process as ProcessRpc};
+use crate::rpc::keepalive_interval;
 use crate::rpc::lifetime::parse_grpc_timeout;
 use crate::state::AppState;
 
-/// Keepalive interval when the client asks for none (or for nonsense), as envd.
-const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 /// Events buffered between a stream's producer and the client.
 const STREAM_BUFFER: usize = 16;
 
@@ -42,16 +40,6 @@ impl ProcessService {
 }
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// `Keepalive-Ping-Interval` in seconds; anything but a positive integer is the default.
-fn keepalive_interval(metadata: &MetadataMap) -> Duration {
-    metadata
-        .get("keepalive-ping-interval")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|seconds| *seconds > 0)
-        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs)
-}
 
 fn selector(selector: Option<pb::ProcessSelector>) -> Result<Selector, Status> {
     match selector.and_then(|s| s.selector) {
