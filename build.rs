@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "proto/filesystem/filesystem.proto",
     "proto/process/process.proto",
+    "proto/envd_ext/processes.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,6 +31,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_descriptors(&descriptors)?
         .extern_path(".google.protobuf.Timestamp", "crate::proto::wkt::Timestamp")
         .ignore_unknown_fields()
-        .build(&[".filesystem", ".process"])?;
+        .build(&[".filesystem", ".process", ".envd_ext"])?;
     Ok(())
 }

@@ -18,6 +18,10 @@ pub const DEFAULT_USER: &str = "root";
 pub const DEFAULT_MAX_WATCHERS: usize = 100;
 /// A polling watcher nobody polls for this long is removed.
 pub const DEFAULT_WATCHER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Time between a deadline's SIGTERM and SIGKILL: enough for a process to flush and exit.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+/// Longest deadline `SetTimeout` accepts (a sandbox lives at most about a day).
+pub const DEFAULT_MAX_PROCESS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -45,6 +49,12 @@ pub struct Cli {
     /// Seconds after which a polling watcher nobody polls is removed.
     #[arg(long, env = "ENVD_WATCHER_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_WATCHER_IDLE_TIMEOUT.as_secs())]
     pub watcher_idle_timeout_secs: u64,
+    /// Milliseconds between a deadline's SIGTERM and SIGKILL.
+    #[arg(long, env = "ENVD_KILL_GRACE_MS", default_value_t = u64::try_from(DEFAULT_KILL_GRACE.as_millis()).unwrap_or(u64::MAX))]
+    pub kill_grace_ms: u64,
+    /// Longest process deadline `SetTimeout` accepts, in seconds.
+    #[arg(long, env = "ENVD_MAX_PROCESS_TIMEOUT_SECS", default_value_t = DEFAULT_MAX_PROCESS_TIMEOUT.as_secs())]
+    pub max_process_timeout_secs: u64,
 }
 
 /// Validated configuration.
@@ -60,6 +70,10 @@ pub struct Config {
     pub max_watchers: usize,
     /// Idle time after which a polling watcher is removed.
     pub watcher_idle_timeout: Duration,
+    /// Time between a deadline's SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Longest deadline `SetTimeout` accepts.
+    pub max_process_timeout: Duration,
 }
 
 impl Config {
@@ -77,6 +91,8 @@ impl Config {
             default_user: cli.default_user,
             max_watchers: cli.max_watchers,
             watcher_idle_timeout: Duration::from_secs(cli.watcher_idle_timeout_secs),
+            kill_grace: Duration::from_millis(cli.kill_grace_ms),
+            max_process_timeout: Duration::from_secs(cli.max_process_timeout_secs),
         })
     }
 
@@ -88,6 +104,8 @@ impl Config {
             default_user: DEFAULT_USER.into(),
             max_watchers: DEFAULT_MAX_WATCHERS,
             watcher_idle_timeout: DEFAULT_WATCHER_IDLE_TIMEOUT,
+            kill_grace: DEFAULT_KILL_GRACE,
+            max_process_timeout: DEFAULT_MAX_PROCESS_TIMEOUT,
         }
     }
 }

@@ -678,7 +678,11 @@ async fn connect_json_streams_and_errors() {
     assert_eq!(json[1]["event"]["data"]["stdout"], "aGk=");
     assert_eq!(json[2]["event"]["end"]["status"], "exit status 0");
     assert_eq!(frames.last().expect("end-stream").0, 0x02);
-    assert_eq!(json.last().expect("end-stream"), &serde_json::json!({}));
+    assert_eq!(
+        json.last().expect("end-stream"),
+        &serde_json::json!({"metadata": {"envd-end-reason": ["exit"]}}),
+        "a clean end carries why the process ended"
+    );
 
     // An unknown pid on a stream is HTTP 200 with a not_found end-stream error.
     let response = http()

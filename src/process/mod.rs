@@ -2,6 +2,7 @@
 //! any number of subscribers, input, signals to the whole process group, exit retention.
 //! Transport-free: `rpc::process` maps it to the `process.Process` service.
 
+pub mod deadline;
 pub mod exit;
 pub mod output;
 pub mod pty;

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::process::exit::Exit;
+use crate::process::registry::EndReason;
 
 /// Chunks a subscriber may have queued (each at most 32 KiB, so at most 4 MiB).
 pub const SUBSCRIBER_QUEUE: usize = 128;
@@ -61,7 +62,7 @@ struct Subscribers {
 pub struct Hub {
     subscribers: Mutex<Subscribers>,
     next_id: AtomicU64,
-    end: watch::Sender<Option<Exit>>,
+    end: watch::Sender<Option<Ended>>,
 }
 
 /// What a subscriber receives next.
@@ -70,7 +71,7 @@ pub enum Event {
     /// Output.
     Data(Chunk),
     /// The process ended; nothing follows.
-    End(Exit),
+    End(Ended),
     /// This subscriber fell too far behind and was dropped.
     Evicted,
 }
@@ -78,7 +79,7 @@ pub enum Event {
 /// One subscriber's view: output from the moment it subscribed, then the end.
 pub struct Subscription {
     rx: mpsc::Receiver<Chunk>,
-    end: watch::Receiver<Option<Exit>>,
+    end: watch::Receiver<Option<Ended>>,
     evicted: Arc<AtomicBool>,
 }
 
@@ -92,16 +93,28 @@ impl Subscription {
             return Event::Evicted;
         }
         match self.end.wait_for(Option::is_some).await {
-            Ok(exit) => Event::End(exit.clone().unwrap_or_else(lost_end)),
+            Ok(ended) => Event::End(ended.clone().unwrap_or_else(lost_end)),
             Err(_) => Event::End(lost_end()),
         }
     }
 }
 
-fn lost_end() -> Exit {
-    Exit::wait_failed(&std::io::Error::other(
-        "process record dropped before its end",
-    ))
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Its exit.
+    pub exit: Exit,
+    /// Why.
+    pub reason: EndReason,
+}
+
+fn lost_end() -> Ended {
+    Ended {
+        exit: Exit::wait_failed(&std::io::Error::other(
+            "process record dropped before its end",
+        )),
+        reason: EndReason::Signal,
+    }
 }
 
 impl Hub {
@@ -123,8 +136,8 @@ impl Hub {
     /// Subscribes to output from now on. `Err` carries the end when the process has ended.
     ///
     /// # Errors
-    /// The process's [`Exit`] when it has already ended.
-    pub fn subscribe(&self) -> Result<Subscription, Exit> {
+    /// How the process ended, when it has already ended.
+    pub fn subscribe(&self) -> Result<Subscription, Ended> {
         let mut subscribers = self.lock();
         if subscribers.closed {
             return Err(self.end.borrow().clone().unwrap_or_else(lost_end));
@@ -144,7 +157,7 @@ impl Hub {
     }
 
     /// The end, once the process has ended.
-    pub fn exit(&self) -> Option<Exit> {
+    pub fn exit(&self) -> Option<Ended> {
         self.end.borrow().clone()
     }
 
@@ -216,12 +229,18 @@ impl Hub {
         }
     }
 
+    /// Resolves once the process has ended.
+    pub async fn ended(&self) {
+        let mut end = self.end.subscribe();
+        let _ = end.wait_for(Option::is_some).await;
+    }
+
     /// Records the end and releases every subscriber (each drains its queue, then sees it).
-    pub fn finish(&self, exit: Exit) {
+    pub fn finish(&self, exit: Exit, reason: EndReason) {
         let mut subscribers = self.lock();
         subscribers.closed = true;
         subscribers.list.clear();
-        self.end.send_replace(Some(exit));
+        self.end.send_replace(Some(Ended { exit, reason }));
     }
 }
 
@@ -252,7 +271,7 @@ mod tests {
         }
         drop(tx);
         runner.await.expect("run");
-        hub.finish(exit0());
+        hub.finish(exit0(), EndReason::Exit);
         for sub in [&mut a, &mut b] {
             for n in 0..10 {
                 match sub.next().await {
@@ -260,7 +279,7 @@ mod tests {
                     other => panic!("expected data, got {other:?}"),
                 }
             }
-            assert!(matches!(sub.next().await, Event::End(e) if e.exit_code == 0));
+            assert!(matches!(sub.next().await, Event::End(e) if e.exit.exit_code == 0));
         }
         assert!(hub.subscribe().is_err(), "no subscriptions after the end");
     }
@@ -305,7 +324,7 @@ mod tests {
         hub.deliver(chunk(1)).await;
         let mut late = hub.subscribe().expect("open");
         hub.deliver(chunk(2)).await;
-        hub.finish(exit0());
+        hub.finish(exit0(), EndReason::Exit);
         assert!(matches!(late.next().await, Event::Data(c) if c.data.as_ref() == [2]));
         assert!(matches!(late.next().await, Event::End(_)));
     }

@@ -16,8 +16,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
 use crate::error::{Error, Result};
+use crate::process::deadline::{Deadline, Deadlines, Expire};
 use crate::process::exit::Exit;
-use crate::process::output::{Chunk, Hub, SOURCE_QUEUE, Stream, Subscription};
+use crate::process::output::{Chunk, Ended, Hub, SOURCE_QUEUE, Stream, Subscription};
 use crate::process::pty::Master;
 use crate::process::spawn::{self, Io, Spec};
 
@@ -37,6 +38,56 @@ pub struct Config {
     pub envs: BTreeMap<String, String>,
     /// Working directory as sent (unresolved).
     pub cwd: Option<String>,
+}
+
+/// Why a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// It exited by itself (also when a kill raced its exit).
+    Exit,
+    /// Its deadline passed and the daemon killed it.
+    Deadline,
+    /// A signal ended it (`SendSignal`, or one sent from inside the sandbox).
+    Signal,
+}
+
+impl EndReason {
+    /// The name clients read (`envd-end-reason` trailer).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Exit => "exit",
+            EndReason::Deadline => "deadline",
+            EndReason::Signal => "signal",
+        }
+    }
+}
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running, no kill under way.
+    Running,
+    /// Being killed, not yet reaped.
+    Ending,
+    /// Reaped; its exit is retained.
+    Exited,
+}
+
+/// What the extension listing shows of one process.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Pid.
+    pub pid: u32,
+    /// Tag.
+    pub tag: Option<String>,
+    /// What was asked for.
+    pub config: Config,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// Its deadline, if any.
+    pub deadline: Option<Deadline>,
+    /// How it ended, once it has.
+    pub end: Option<(Exit, EndReason)>,
 }
 
 /// How a request names a process.
@@ -78,12 +129,20 @@ pub struct Process {
     /// Set by an explicit kill: the end no longer waits for output to drain.
     killed: AtomicBool,
     kill_notify: Notify,
+    /// The deadline kill has begun (it begins at most once).
+    deadline_kill: AtomicBool,
+    /// SIGTERM or SIGKILL was sent through `SendSignal`.
+    signalled: AtomicBool,
+    /// Time between the deadline's SIGTERM and SIGKILL.
+    kill_grace: Duration,
 }
 
 struct Retained {
     seq: u64,
     tag: Option<String>,
+    config: Config,
     exit: Exit,
+    reason: EndReason,
 }
 
 #[derive(Default)]
@@ -93,10 +152,11 @@ struct Tables {
 }
 
 /// All managed processes.
-#[derive(Default)]
 pub struct ProcessTable {
     tables: Mutex<Tables>,
     seq: AtomicU64,
+    deadlines: Arc<Deadlines<Process>>,
+    kill_grace: Duration,
 }
 
 /// What `Connect` finds.
@@ -104,13 +164,19 @@ pub enum Found {
     /// A live process.
     Live(Arc<Process>),
     /// An ended one whose exit is still retained.
-    Ended(u32, Exit),
+    Ended(u32, Ended),
 }
 
 impl ProcessTable {
-    /// An empty table.
-    pub fn new() -> Arc<Self> {
-        Arc::new(ProcessTable::default())
+    /// An empty table whose deadline kills send SIGTERM, then SIGKILL after `kill_grace`.
+    /// Starts the deadline reaper (needs a runtime).
+    pub fn new(kill_grace: Duration) -> Arc<Self> {
+        Arc::new(ProcessTable {
+            tables: Mutex::new(Tables::default()),
+            seq: AtomicU64::new(0),
+            deadlines: Deadlines::start(),
+            kill_grace,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -165,6 +231,9 @@ impl ProcessTable {
             hub: hub.clone(),
             killed: AtomicBool::new(false),
             kill_notify: Notify::new(),
+            deadline_kill: AtomicBool::new(false),
+            signalled: AtomicBool::new(false),
+            kill_grace: self.kill_grace,
         });
         {
             let mut tables = self.lock();
@@ -175,14 +244,17 @@ impl ProcessTable {
             }
             tables.live.insert(pid, process.clone());
         }
+        if let Some(limit) = deadline {
+            // Computed once, here: the deadline a client sees never drifts.
+            let _ = self
+                .deadlines
+                .set(process.seq, &process, Some(Deadline::after(limit)), || true);
+        }
         let fan_out = tokio::spawn(hub.run(source_rx));
-        tokio::spawn(self.clone().lifecycle(
-            process.clone(),
-            spawned.child,
-            readers,
-            fan_out,
-            deadline,
-        ));
+        tokio::spawn(
+            self.clone()
+                .lifecycle(process.clone(), spawned.child, readers, fan_out),
+        );
         Ok((process, subscription))
     }
 
@@ -192,19 +264,9 @@ impl ProcessTable {
         mut child: tokio::process::Child,
         mut readers: JoinSet<()>,
         fan_out: tokio::task::JoinHandle<()>,
-        deadline: Option<Duration>,
     ) {
-        let waited = match deadline {
-            Some(limit) => tokio::select! {
-                status = child.wait() => status,
-                () = tokio::time::sleep(limit) => {
-                    tracing::info!(pid = process.pid, ?limit, "deadline passed: killing the process group");
-                    process.kill(Signal::SIGKILL);
-                    child.wait().await
-                }
-            },
-            None => child.wait().await,
-        };
+        let waited = child.wait().await;
+        self.deadlines.clear(process.seq);
         let exit = match waited {
             Ok(status) => Exit::from_status(status),
             Err(err) => Exit::wait_failed(&err),
@@ -225,7 +287,8 @@ impl ProcessTable {
         if let Err(err) = fan_out.await {
             tracing::warn!(%err, "output fan-out task failed");
         }
-        process.hub.finish(exit.clone());
+        let reason = process.reason(&exit);
+        process.hub.finish(exit.clone(), reason);
         let mut tables = self.lock();
         if tables
             .live
@@ -239,7 +302,9 @@ impl ProcessTable {
             Retained {
                 seq: process.seq,
                 tag: process.tag.clone(),
+                config: process.config.clone(),
                 exit,
+                reason,
             },
         );
         drop(tables);
@@ -293,8 +358,81 @@ impl ProcessTable {
                 .max_by_key(|(_, r)| r.seq),
         };
         retained
-            .map(|(pid, r)| Found::Ended(*pid, r.exit.clone()))
+            .map(|(pid, r)| {
+                let ended = Ended {
+                    exit: r.exit.clone(),
+                    reason: r.reason,
+                };
+                Found::Ended(*pid, ended)
+            })
             .ok_or_else(|| Error::NotFound(format!("{selector} not found")))
+    }
+
+    /// Sets the deadline of a running process to `timeout` from now (`None` removes it) and
+    /// returns the deadline in force once it is.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown process, [`Error::FailedPrecondition`] for one
+    /// that has ended or is being killed by its deadline.
+    pub fn set_timeout(
+        &self,
+        selector: &Selector,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Deadline>> {
+        let process = match self.find(selector)? {
+            Found::Live(process) => process,
+            Found::Ended(pid, ..) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "process with pid {pid} has already exited"
+                )));
+            }
+        };
+        let deadline = timeout.map(Deadline::after);
+        self.deadlines
+            .set(process.seq, &process, deadline, || {
+                process.hub.exit().is_none() && !process.deadline_kill.load(Ordering::Acquire)
+            })
+            .map_err(|_refused| {
+                Error::FailedPrecondition(format!(
+                    "process with pid {} is ending; its deadline can no longer change",
+                    process.pid
+                ))
+            })
+    }
+
+    /// Every managed process: live ones, then retained exits.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let tables = self.lock();
+        let mut live: Vec<&Arc<Process>> = tables.live.values().collect();
+        live.sort_by_key(|p| p.seq);
+        let mut out: Vec<Snapshot> = live
+            .into_iter()
+            .map(|p| Snapshot {
+                pid: p.pid,
+                tag: p.tag.clone(),
+                config: p.config.clone(),
+                phase: if p.killed.load(Ordering::Acquire)
+                    || p.deadline_kill.load(Ordering::Acquire)
+                {
+                    Phase::Ending
+                } else {
+                    Phase::Running
+                },
+                deadline: self.deadlines.get(p.seq),
+                end: None,
+            })
+            .collect();
+        let mut retained: Vec<(&u32, &Retained)> = tables.retained.iter().collect();
+        retained.sort_by_key(|(_, r)| r.seq);
+        out.extend(retained.into_iter().map(|(pid, r)| Snapshot {
+            pid: *pid,
+            tag: r.tag.clone(),
+            config: r.config.clone(),
+            phase: Phase::Exited,
+            deadline: None,
+            end: Some((r.exit.clone(), r.reason)),
+        }));
+        out
     }
 
     /// Every live process, oldest first.
@@ -309,8 +447,8 @@ impl Process {
     /// Subscribes to output from now on; `Err` carries the end if it already happened.
     ///
     /// # Errors
-    /// The [`Exit`] of a process that has ended.
-    pub fn subscribe(&self) -> Result<Subscription, Exit> {
+    /// How the process ended, when it has.
+    pub fn subscribe(&self) -> Result<Subscription, Ended> {
         self.hub.subscribe()
     }
 
@@ -319,9 +457,28 @@ impl Process {
         matches!(self.input, Input::Pty(_))
     }
 
+    /// Sends `signal` to the process's whole group on a client's request.
+    pub fn signal(&self, signal: Signal) {
+        if matches!(signal, Signal::SIGKILL | Signal::SIGTERM) {
+            self.signalled.store(true, Ordering::Release);
+        }
+        self.kill(signal);
+    }
+
+    /// Why the process ended, given how: a normal exit is an exit even if a kill raced it.
+    fn reason(&self, exit: &Exit) -> EndReason {
+        if exit.exited {
+            EndReason::Exit
+        } else if self.deadline_kill.load(Ordering::Acquire) {
+            EndReason::Deadline
+        } else {
+            EndReason::Signal
+        }
+    }
+
     /// Sends `signal` to the process's whole group (falling back to the process alone).
     /// A kill also stops the end from waiting for output to drain.
-    pub fn kill(&self, signal: Signal) {
+    fn kill(&self, signal: Signal) {
         if matches!(signal, Signal::SIGKILL | Signal::SIGTERM) {
             self.killed.store(true, Ordering::Release);
             self.kill_notify.notify_one();
@@ -408,6 +565,26 @@ impl Process {
 
 /// Input sent the wrong way (stdin to a terminal, to a closed pipe, ...): the client can
 /// fix it, so it is a failed precondition rather than an internal error.
+impl Expire for Process {
+    /// The deadline passed: SIGTERM to the group, SIGKILL after the grace unless it ended.
+    fn expire(self: Arc<Self>) {
+        if self.deadline_kill.swap(true, Ordering::AcqRel) || self.hub.exit().is_some() {
+            return;
+        }
+        tracing::info!(pid = self.pid, grace = ?self.kill_grace, "deadline passed: terminating the process group");
+        self.kill(Signal::SIGTERM);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = self.hub.ended() => {}
+                () = tokio::time::sleep(self.kill_grace) => {
+                    tracing::info!(pid = self.pid, "still running after the grace: killing the process group");
+                    self.kill(Signal::SIGKILL);
+                }
+            }
+        });
+    }
+}
+
 fn input_error(message: &str) -> Error {
     Error::FailedPrecondition(message.to_owned())
 }

@@ -17,5 +17,11 @@ pub mod process {
     include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
 }
 
+/// `package envd_ext`: our own extension services.
+pub mod envd_ext {
+    tonic::include_proto!("envd_ext");
+    include!(concat!(env!("OUT_DIR"), "/envd_ext.serde.rs"));
+}
+
 /// Encoded `FileDescriptorSet` of everything in `proto/`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

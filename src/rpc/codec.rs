@@ -12,7 +12,7 @@ use prost::Message;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::proto::{filesystem as fs, process as pr};
+use crate::proto::{envd_ext as ext, filesystem as fs, process as pr};
 
 /// The streaming shape of a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,9 @@ static METHODS: LazyLock<HashMap<&'static str, Method>> = LazyLock::new(|| {
         "/process.Process/StreamInput" => ClientStream, pr::StreamInputRequest, pr::StreamInputResponse;
         "/process.Process/SendInput" => Unary, pr::SendInputRequest, pr::SendInputResponse;
         "/process.Process/SendSignal" => Unary, pr::SendSignalRequest, pr::SendSignalResponse;
-        "/process.Process/CloseStdin" => Unary, pr::CloseStdinRequest, pr::CloseStdinResponse;
+                "/process.Process/CloseStdin" => Unary, pr::CloseStdinRequest, pr::CloseStdinResponse;
+        "/envd_ext.Processes/List" => Unary, ext::ListProcessesRequest, ext::ListProcessesResponse;
+        "/envd_ext.Processes/SetTimeout" => Unary, ext::SetTimeoutRequest, ext::SetTimeoutResponse;
     })
 });
 

@@ -386,8 +386,13 @@ fn response_envelopes(
                         continue;
                     }
                     Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => Status::from_header_map(&trailers)
-                            .unwrap_or_else(|| Status::unknown("stream ended without a status")),
+                        Ok(trailers) => {
+                            let status = Status::from_header_map(&trailers).unwrap_or_else(|| {
+                                Status::unknown("stream ended without a status")
+                            });
+                            state.done = true;
+                            return Some((Ok(end_stream_with(&status, &trailers)), state));
+                        }
                         Err(_) => continue,
                     },
                 },
@@ -526,12 +531,34 @@ pub fn unary_error(status: &Status) -> Response<Body> {
 
 /// The end-of-stream envelope: `{}` after success, `{"error": {...}}` after a failure.
 fn end_stream(_codec: Codec, status: &Status) -> Bytes {
-    // The end-of-stream message is JSON in both codecs (Connect protocol).
-    let json = if status.code() == Code::Ok {
+    end_stream_with(status, &HeaderMap::new())
+}
+
+/// [`end_stream`] carrying the call's trailers as `metadata` (`{"name": ["value"]}`). The
+/// end-of-stream message is JSON in both codecs (Connect protocol).
+fn end_stream_with(status: &Status, trailers: &HeaderMap) -> Bytes {
+    let mut json = if status.code() == Code::Ok {
         serde_json::json!({})
     } else {
         serde_json::json!({ "error": error_json(status) })
     };
+    let mut metadata = serde_json::Map::new();
+    for (name, value) in trailers {
+        if name.as_str().starts_with("grpc-") {
+            continue;
+        }
+        if let Ok(value) = value.to_str() {
+            let values = metadata
+                .entry(name.as_str().to_owned())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let serde_json::Value::Array(values) = values {
+                values.push(serde_json::Value::from(value));
+            }
+        }
+    }
+    if !metadata.is_empty() {
+        json["metadata"] = serde_json::Value::Object(metadata);
+    }
     envelope::encode(
         FLAG_END_STREAM,
         &serde_json::to_vec(&json).unwrap_or_default(),

@@ -5,7 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::fs::entry::{EntryInfo, FileKind};
 use crate::fs::watch::{EventKind, FsEvent};
+use crate::process::exit::Exit;
+use crate::process::registry::Config;
 use crate::proto::filesystem as pb;
+use crate::proto::process as ppb;
 
 impl From<FileKind> for pb::FileType {
     fn from(kind: FileKind) -> Self {
@@ -56,6 +59,28 @@ impl From<FsEvent> for pb::FilesystemEvent {
             name: event.name,
             r#type: pb::EventType::from(event.kind) as i32,
             entry: event.entry.map(Into::into),
+        }
+    }
+}
+
+impl From<&Config> for ppb::ProcessConfig {
+    fn from(config: &Config) -> Self {
+        ppb::ProcessConfig {
+            cmd: config.cmd.clone(),
+            args: config.args.clone(),
+            envs: config.envs.clone().into_iter().collect(),
+            cwd: config.cwd.clone(),
+        }
+    }
+}
+
+impl From<Exit> for ppb::process_event::EndEvent {
+    fn from(exit: Exit) -> Self {
+        ppb::process_event::EndEvent {
+            exit_code: exit.exit_code,
+            exited: exit.exited,
+            status: exit.status,
+            error: exit.error,
         }
     }
 }

@@ -17,6 +17,7 @@ use tonic::Status;
 use tower::ServiceExt;
 
 use crate::rpc::GrpcService;
+use crate::rpc::trailers::ExtraTrailers;
 
 /// Calls `inner` with the request's deadline and the daemon's shutdown applied.
 pub async fn call(
@@ -42,9 +43,11 @@ pub async fn call(
         Ok(response) => response,
         Err(never) => match never {},
     };
+    let extra = response.extensions().get::<ExtraTrailers>().cloned();
     response.map(|body| {
         tonic::body::Body::new(Bounded {
             inner: body,
+            extra,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             shutdown: cancelled,
             finished: false,
@@ -86,6 +89,8 @@ pub fn parse_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 /// A response body that ends with a status trailer when the deadline or shutdown fires.
 struct Bounded {
     inner: tonic::body::Body,
+    /// Trailers the handler adds to its final status.
+    extra: Option<ExtraTrailers>,
     deadline: Option<Pin<Box<Sleep>>>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     finished: bool,
@@ -106,7 +111,19 @@ impl HttpBody for Bounded {
             if frame.is_none() {
                 self.finished = true;
             }
-            return Poll::Ready(frame);
+            let extra = self.extra.clone();
+            return Poll::Ready(frame.map(|frame| {
+                frame.map(|frame| match (extra, frame.is_trailers()) {
+                    (Some(extra), true) => match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            trailers.extend(extra.take());
+                            Frame::trailers(trailers)
+                        }
+                        Err(frame) => frame,
+                    },
+                    _ => frame,
+                })
+            }));
         }
         let expired = self
             .deadline

@@ -7,9 +7,11 @@ pub mod codec;
 pub mod connect;
 pub mod convert;
 pub mod envelope;
+pub mod ext_processes;
 pub mod filesystem;
 pub mod lifetime;
 pub mod process;
+pub mod trailers;
 
 use std::convert::Infallible;
 
@@ -20,6 +22,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
 use crate::error::Error;
+use crate::proto::envd_ext::processes_server::ProcessesServer;
 use crate::proto::{
     filesystem::filesystem_server::FilesystemServer, process::process_server::ProcessServer,
 };
@@ -73,12 +76,17 @@ impl Rpc {
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
+        let table = crate::process::registry::ProcessTable::new(state.config.kill_grace);
         let routes = tonic::service::Routes::new(FilesystemServer::new(
             filesystem::FilesystemService::new(state.clone()),
         ))
         .add_service(ProcessServer::new(process::ProcessService::new(
             state.clone(),
-            crate::process::registry::ProcessTable::new(),
+            table.clone(),
+        )))
+        .add_service(ProcessesServer::new(ext_processes::ProcessesExt::new(
+            table,
+            state.config.max_process_timeout,
         )))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -13,13 +13,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::process::exit::Exit;
-use crate::process::output::{Event, Stream as OutputStream, Subscription};
+use crate::process::output::{Ended, Event, Stream as OutputStream, Subscription};
 use crate::process::registry::{Config, Found, Process, ProcessTable, Selector};
 use crate::process::spawn::Spec;
 use crate::proto::process::{self as pb, process_event, process_server::Process as ProcessRpc};
 use crate::rpc::keepalive_interval;
 use crate::rpc::lifetime::parse_grpc_timeout;
+use crate::rpc::trailers::ExtraTrailers;
 use crate::state::AppState;
 
 /// Events buffered between a stream's producer and the client.
@@ -55,13 +55,12 @@ fn event(event: process_event::Event) -> pb::ProcessEvent {
     pb::ProcessEvent { event: Some(event) }
 }
 
-fn end_event(exit: Exit) -> pb::ProcessEvent {
-    event(process_event::Event::End(process_event::EndEvent {
-        exit_code: exit.exit_code,
-        exited: exit.exited,
-        status: exit.status,
-        error: exit.error,
-    }))
+/// The trailer that says why a process ended (`exit`, `deadline` or `signal`): clients
+/// read it from gRPC trailers or the Connect end-of-stream `metadata`.
+pub const END_REASON_TRAILER: &str = "envd-end-reason";
+
+fn end_event(ended: Ended) -> pb::ProcessEvent {
+    event(process_event::Event::End(ended.exit.into()))
 }
 
 fn data_event(stream: OutputStream, data: bytes::Bytes) -> pb::ProcessEvent {
@@ -80,10 +79,12 @@ fn data_event(stream: OutputStream, data: bytes::Bytes) -> pb::ProcessEvent {
 /// `wrap` (StartResponse or ConnectResponse).
 fn event_stream<T: Send + 'static>(
     pid: u32,
-    source: Result<Subscription, Exit>,
+    source: Result<Subscription, Ended>,
     keepalive: Duration,
     wrap: fn(pb::ProcessEvent) -> T,
-) -> EventStream<T> {
+) -> Response<EventStream<T>> {
+    let trailers = ExtraTrailers::default();
+    let end_trailers = trailers.clone();
     let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_BUFFER);
     tokio::spawn(async move {
         let start = event(process_event::Event::Start(process_event::StartEvent {
@@ -94,8 +95,9 @@ fn event_stream<T: Send + 'static>(
         }
         let mut subscription = match source {
             Ok(subscription) => subscription,
-            Err(exit) => {
-                let _ = tx.send(Ok(wrap(end_event(exit)))).await;
+            Err(ended) => {
+                end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
+                let _ = tx.send(Ok(wrap(end_event(ended)))).await;
                 return;
             }
         };
@@ -108,8 +110,9 @@ fn event_stream<T: Send + 'static>(
                         ticker.reset();
                         Ok(wrap(data_event(chunk.stream, chunk.data)))
                     }
-                    Event::End(exit) => {
-                        let _ = tx.send(Ok(wrap(end_event(exit)))).await;
+                                        Event::End(ended) => {
+                        end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
+                        let _ = tx.send(Ok(wrap(end_event(ended)))).await;
                         return;
                     }
                     Event::Evicted => Err(Status::resource_exhausted(
@@ -125,7 +128,10 @@ fn event_stream<T: Send + 'static>(
             }
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    let stream: EventStream<T> = Box::pin(ReceiverStream::new(rx));
+    let mut response = Response::new(stream);
+    response.extensions_mut().insert(trailers);
+    response
 }
 
 #[tonic::async_trait]
@@ -139,12 +145,7 @@ impl ProcessRpc for ProcessService {
             .list()
             .into_iter()
             .map(|p| pb::ProcessInfo {
-                config: Some(pb::ProcessConfig {
-                    cmd: p.config.cmd.clone(),
-                    args: p.config.args.clone(),
-                    envs: p.config.envs.clone().into_iter().collect(),
-                    cwd: p.config.cwd.clone(),
-                }),
+                config: Some((&p.config).into()),
                 pid: p.pid,
                 tag: p.tag.clone(),
             })
@@ -162,10 +163,10 @@ impl ProcessRpc for ProcessService {
         let selector = selector(request.into_inner().process)?;
         let (pid, source) = match self.table.find(&selector)? {
             Found::Live(process) => (process.pid, process.subscribe()),
-            Found::Ended(pid, exit) => (pid, Err(exit)),
+            Found::Ended(pid, ended) => (pid, Err(ended)),
         };
         let wrap = |event| pb::ConnectResponse { event: Some(event) };
-        Ok(Response::new(event_stream(pid, source, keepalive, wrap)))
+        Ok(event_stream(pid, source, keepalive, wrap))
     }
 
     type StartStream = EventStream<pb::StartResponse>;
@@ -227,12 +228,7 @@ impl ProcessRpc for ProcessService {
         .await
         .and_then(|spec| table.start(&spec, config, tag, deadline))?;
         let wrap = |event| pb::StartResponse { event: Some(event) };
-        Ok(Response::new(event_stream(
-            process.pid,
-            Ok(subscription),
-            keepalive,
-            wrap,
-        )))
+        Ok(event_stream(process.pid, Ok(subscription), keepalive, wrap))
     }
 
     async fn update(
@@ -297,7 +293,7 @@ impl ProcessRpc for ProcessService {
             Ok(pb::Signal::Sigterm) => Signal::SIGTERM,
             _ => return Err(Status::unimplemented(format!("invalid signal: {signal}"))),
         };
-        self.table.live(&selector(process)?)?.kill(signal);
+        self.table.live(&selector(process)?)?.signal(signal);
         Ok(Response::new(pb::SendSignalResponse {}))
     }
 

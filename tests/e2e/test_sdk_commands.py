@@ -76,6 +76,15 @@ def proc_state(pid: int):
     return text[text.rindex(")") + 2]
 
 
+def proc_argv0(pid: int):
+    """``argv[0]`` of a live ``pid`` from ``/proc/<pid>/cmdline``, or None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def is_dead(pid: int) -> bool:
     """True if ``pid`` no longer runs: gone, or a zombie waiting to be reaped.
 
@@ -669,9 +678,8 @@ def test_kill_unknown_pid_returns_false(sandbox):
 def test_kill_takes_children_with_it(sandbox):
     with background(sandbox, "bash -c 'sleep 1000 & echo $!; wait'") as handle:
         grandchild = int(first_stdout_line(handle))
-        assert proc_state(grandchild) not in (None, "Z")
-        with open(f"/proc/{grandchild}/cmdline", "rb") as f:
-            assert f.read().split(b"\0")[0] == b"sleep"
+        # The forked child may not have exec'd sleep yet when its pid is printed.
+        wait_until(lambda: proc_argv0(grandchild) == b"sleep", f"pid {grandchild} to run sleep")
 
         assert sandbox.commands.kill(handle.pid) is True
         with pytest.raises(CommandExitException) as info:
@@ -693,7 +701,7 @@ def test_run_timeout_kills_command(sandbox):
     with pytest.raises(TimeoutException):
         sandbox.commands.run(
             f"sleep 1000 & echo $$ $!; {LONG_SLEEP}",
-            timeout=2,
+            timeout=3,
             on_stdout=lambda s: pids.extend(int(p) for p in s.split()),
         )
 
