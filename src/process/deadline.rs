@@ -84,7 +84,7 @@ impl<T: Expire> Deadlines<T> {
         id: u64,
         target: &Arc<T>,
         deadline: Option<Deadline>,
-                still_valid: impl FnOnce() -> bool,
+        still_valid: impl FnOnce() -> bool,
     ) -> Result<Option<Deadline>, Refused> {
         let mut state = self.lock();
         if !still_valid() {
