@@ -30,7 +30,10 @@ impl EnvStore {
 
     /// Sets an internal variable (promoting a user variable of the same name).
     pub fn set_internal(&self, key: &str, value: &str) {
-        let mut vars = self.vars.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut vars = self
+            .vars
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         vars.user.remove(key);
         vars.internal.insert(key.to_owned(), value.to_owned());
     }
@@ -38,7 +41,10 @@ impl EnvStore {
     /// Replaces every user variable with `vars` (keys absent from it are deleted); keys
     /// that name internal variables are ignored.
     pub fn replace_user(&self, new: &BTreeMap<String, String>) {
-        let mut vars = self.vars.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut vars = self
+            .vars
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let user = new
             .iter()
             .filter(|(key, _)| !vars.internal.contains_key(*key))
@@ -49,7 +55,10 @@ impl EnvStore {
 
     /// Every variable, internal and user, sorted by name.
     pub fn snapshot(&self) -> BTreeMap<String, String> {
-        let vars = self.vars.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let vars = self
+            .vars
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut all = vars.user.clone();
         all.extend(vars.internal.iter().map(|(k, v)| (k.clone(), v.clone())));
         all
