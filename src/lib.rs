@@ -9,8 +9,10 @@
 //! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
+//! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
+pub mod auth;
 pub mod config;
 pub mod env;
 pub mod error;
