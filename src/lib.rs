@@ -10,6 +10,7 @@
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.
+//! - [`system`]: the machine itself: clock, CA trust store, load metrics.
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
 pub mod auth;
@@ -23,3 +24,4 @@ pub mod proto;
 pub mod rpc;
 pub mod server;
 pub mod state;
+pub mod system;
