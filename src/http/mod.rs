@@ -1,12 +1,16 @@
 //! REST resources and the router that puts them and the RPC services on one port.
 
+pub mod envs;
 pub mod files;
+pub mod init;
+pub mod json;
+pub mod metrics;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::{HeaderValue, StatusCode, header};
 
 use crate::rpc::Rpc;
@@ -21,6 +25,9 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
             "/files",
             get(files::download::download).post(files::upload::upload),
         )
+        .route("/init", post(init::init))
+        .route("/envs", get(envs::envs))
+        .route("/metrics", get(metrics::metrics))
         .fallback(fallback)
         .with_state((state, rpc))
 }
