@@ -1,5 +1,6 @@
 //! REST resources and the router that puts them and the RPC services on one port.
 
+pub mod access;
 pub mod envs;
 pub mod files;
 pub mod init;
@@ -17,7 +18,8 @@ use crate::rpc::Rpc;
 use crate::state::AppState;
 
 /// The whole application: REST routes, with every `/package.Service/Method` path handed to
-/// the RPC protocols.
+/// the RPC protocols. Every REST path passes the access-token gate ([`access`]); RPCs pass
+/// the same gate inside the RPC stack.
 pub fn router(state: AppState, rpc: Rpc) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -29,6 +31,10 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
         .route("/envs", get(envs::envs))
         .route("/metrics", get(metrics::metrics))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::gate,
+        ))
         .with_state((state, rpc))
 }
 
