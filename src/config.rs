@@ -1,6 +1,7 @@
 //! The command line, parsed once into a validated [`Config`] that is passed down.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -22,6 +23,8 @@ pub const DEFAULT_WATCHER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// Longest deadline `SetTimeout` accepts (a sandbox lives at most about a day).
 pub const DEFAULT_MAX_PROCESS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Whether `/init` may set the system clock: yes, a resumed sandbox's clock is stale.
+pub const DEFAULT_SET_CLOCK: bool = true;
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -40,9 +43,19 @@ pub struct Cli {
     /// Seconds a graceful shutdown waits for in-flight requests.
     #[arg(long, env = "ENVD_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     pub shutdown_grace_secs: u64,
-    /// The user requests act as when they name none.
-    #[arg(long, env = "ENVD_DEFAULT_USER", default_value = DEFAULT_USER)]
-    pub default_user: String,
+    /// The user requests act as when they name none [default: root, or the daemon's own
+    /// user when it does not run as root].
+    #[arg(long, env = "ENVD_DEFAULT_USER")]
+    pub default_user: Option<String>,
+    /// Whether `/init` may set the system clock to the host's time.
+    #[arg(long, env = "ENVD_SET_CLOCK", default_value_t = DEFAULT_SET_CLOCK, action = clap::ArgAction::Set)]
+    pub set_clock: bool,
+    /// The system CA bundle an `/init` `caBundle` is added to.
+    #[arg(long, env = "ENVD_CA_BUNDLE_FILE", default_value = crate::system::ca::DEFAULT_BUNDLE_FILE)]
+    pub ca_bundle_file: PathBuf,
+    /// Where the installed `caBundle` PEM is kept (to replace it on the next change).
+    #[arg(long, env = "ENVD_CA_CERT_FILE", default_value = crate::system::ca::DEFAULT_CERT_FILE)]
+    pub ca_cert_file: PathBuf,
     /// Directory watchers (streams and polling) allowed at once.
     #[arg(long, env = "ENVD_MAX_WATCHERS", default_value_t = DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
@@ -74,6 +87,10 @@ pub struct Config {
     pub kill_grace: Duration,
     /// Longest deadline `SetTimeout` accepts.
     pub max_process_timeout: Duration,
+    /// Whether `/init` may set the system clock.
+    pub set_clock: bool,
+    /// Where `/init` installs a CA certificate.
+    pub ca: crate::system::ca::CaStore,
 }
 
 impl Config {
@@ -82,13 +99,22 @@ impl Config {
     /// # Errors
     /// A message for the operator when a value is unusable.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
-        if cli.default_user.is_empty() {
-            return Err("--default-user must not be empty".into());
-        }
+        let default_user = match cli.default_user {
+            Some(user) if user.is_empty() => {
+                return Err("--default-user must not be empty".into());
+            }
+            Some(user) => user,
+            None => own_user_unless_root()?,
+        };
         Ok(Config {
             listen: SocketAddr::new(cli.addr, cli.port),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_secs),
-            default_user: cli.default_user,
+            default_user,
+            set_clock: cli.set_clock,
+            ca: crate::system::ca::CaStore {
+                bundle: cli.ca_bundle_file,
+                cert: cli.ca_cert_file,
+            },
             max_watchers: cli.max_watchers,
             watcher_idle_timeout: Duration::from_secs(cli.watcher_idle_timeout_secs),
             kill_grace: Duration::from_millis(cli.kill_grace_ms),
@@ -106,6 +132,27 @@ impl Config {
             watcher_idle_timeout: DEFAULT_WATCHER_IDLE_TIMEOUT,
             kill_grace: DEFAULT_KILL_GRACE,
             max_process_timeout: DEFAULT_MAX_PROCESS_TIMEOUT,
+            // Tests must never move the machine's clock.
+            set_clock: false,
+            ca: crate::system::ca::CaStore {
+                bundle: crate::system::ca::DEFAULT_BUNDLE_FILE.into(),
+                cert: crate::system::ca::DEFAULT_CERT_FILE.into(),
+            },
         }
+    }
+}
+
+/// The default user when none is configured: root when the daemon runs as root, else the
+/// daemon's own user, since a daemon without root can only create files as itself.
+fn own_user_unless_root() -> Result<String, String> {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return Ok(DEFAULT_USER.into());
+    }
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => Ok(user.name),
+        _ => Err(format!(
+            "uid {uid} has no entry in /etc/passwd; pass --default-user"
+        )),
     }
 }

@@ -27,6 +27,10 @@ pub enum Error {
     /// The caller could not be identified (unknown user, missing or wrong token).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The daemon lacks a privilege the operation needs, e.g. it does not run as root and
+    /// was asked to give a file to another user. The message names what is missing.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// No representation the client accepts can be produced (HTTP 406).
     #[error("{0}")]
     NotAcceptable(String),
@@ -75,6 +79,7 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::AlreadyExists(_) => StatusCode::CONFLICT,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -91,6 +96,7 @@ impl Error {
             Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::InsufficientStorage(_) | Error::ResourceExhausted(_) => {
                 tonic::Code::ResourceExhausted
             }
@@ -162,6 +168,20 @@ impl IntoResponse for Error {
     }
 }
 
+impl Error {
+    /// The error as a plain-text response: envd answers `/init` failures this way rather
+    /// than with its JSON error shape. Same status as [`IntoResponse`].
+    pub fn into_plain_response(self) -> Response {
+        let status = self.http_status();
+        let mut response = (status, format!("{}\n", self.client_message())).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +206,49 @@ mod tests {
         let status = tonic::Status::from(Error::Internal("secret detail".into()));
         assert_eq!(status.code(), tonic::Code::Internal);
         assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn every_variant_has_one_http_status_and_one_rpc_code() {
+        let cases = [
+            (
+                Error::InvalidArgument("x".into()),
+                400,
+                tonic::Code::InvalidArgument,
+            ),
+            (Error::NotFound("x".into()), 404, tonic::Code::NotFound),
+            (
+                Error::Unauthenticated("x".into()),
+                401,
+                tonic::Code::Unauthenticated,
+            ),
+            (
+                Error::PermissionDenied("x".into()),
+                403,
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                Error::NotAcceptable("x".into()),
+                406,
+                tonic::Code::InvalidArgument,
+            ),
+            (Error::Internal("x".into()), 500, tonic::Code::Internal),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(err.http_status().as_u16(), status, "{err:?}");
+            assert_eq!(err.rpc_code(), code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn plain_responses_keep_the_status() {
+        let response =
+            Error::Unauthenticated("access token validation failed".into()).into_plain_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
     }
 
     #[test]

@@ -4,24 +4,30 @@
 //! - [`config`]: the command line, validated once into a [`config::Config`].
 //! - [`error`]: the core error enum and its only mappings to HTTP and RPC codes.
 //! - [`server`]: one listener speaking HTTP/1.1 and cleartext HTTP/2; graceful shutdown.
-//! - [`http`]: REST resources (`/health`, `/files`).
+//! - [`http`]: REST resources (`/health`, `/files`, `/init`, `/envs`, `/metrics`).
 //! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
 //! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
 //! - [`process`]: the transport-free process core (spawn, PTY, output fan-out, signals).
 //! - [`sys`]: the one module allowed `unsafe` (pre-exec child setup, terminal ioctls).
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
+//! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.
+//! - [`init`]: `/init`, the control plane's setup of the sandbox.
+//! - [`system`]: the machine itself: clock, CA trust store, load metrics.
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
+pub mod auth;
 pub mod config;
 pub mod env;
 pub mod error;
 pub mod fs;
 pub mod http;
 pub mod identity;
+pub mod init;
 pub mod process;
 pub mod proto;
 pub mod rpc;
 pub mod server;
 pub mod state;
 pub mod sys;
+pub mod system;

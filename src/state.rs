@@ -4,9 +4,12 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::token::{NoHostTokenHash, TokenStore};
 use crate::config::Config;
 use crate::env::EnvStore;
 use crate::identity::Identity;
+use crate::init::{InitPolicy, Initializer};
+use crate::system::metrics::CpuSampler;
 
 /// Everything a handler may need, cheap to clone.
 #[derive(Debug, Clone)]
@@ -19,6 +22,12 @@ pub struct AppState {
     pub env: Arc<EnvStore>,
     /// Fired once when the daemon starts shutting down: streams end cleanly on it.
     pub shutdown: CancellationToken,
+    /// The access token in force: the gate and signed URLs check against it.
+    pub access: Arc<TokenStore>,
+    /// `/init`'s lock and memory (newest timestamp, installed CA).
+    pub init: Arc<Initializer>,
+    /// The previous CPU reading, so `/metrics` reports usage since the last call.
+    pub cpu: Arc<CpuSampler>,
 }
 
 impl AppState {
@@ -27,6 +36,15 @@ impl AppState {
         AppState {
             identity: Arc::new(Identity::new(&config.default_user)),
             env: Arc::new(EnvStore::new()),
+            access: Arc::new(TokenStore::default()),
+            init: Arc::new(Initializer::new(
+                InitPolicy {
+                    set_clock: config.set_clock,
+                    ca: config.ca.clone(),
+                },
+                Arc::new(NoHostTokenHash),
+            )),
+            cpu: Arc::new(CpuSampler::default()),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }

@@ -6,6 +6,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::fs::owner;
 use crate::fs::user::User;
 
 /// Mode for directories the daemon creates (the umask still applies).
@@ -17,7 +18,8 @@ const DIR_MODE: u32 = 0o755;
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] `path is a file: <component>` when a component exists and is
-/// not a directory; [`Error::Io`] (or 507) when creating or chowning fails.
+/// not a directory; [`Error::PermissionDenied`] when a level is missing and the daemon (not
+/// root) cannot give it to `owner`; [`Error::Io`] (or 507) when creating or chowning fails.
 pub fn ensure(path: &Path, owner: &User) -> Result<()> {
     let mut current = PathBuf::new();
     for component in path.components() {
@@ -36,7 +38,9 @@ pub fn ensure(path: &Path, owner: &User) -> Result<()> {
                     current.display()
                 )));
             }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                owner::ensure_can_own(owner, &current)?;
+            }
             Err(err) => {
                 return Err(Error::io(
                     format!("error checking directory {}", current.display()),
@@ -54,12 +58,7 @@ pub fn ensure(path: &Path, owner: &User) -> Result<()> {
                 ));
             }
         }
-        std::os::unix::fs::lchown(&current, Some(owner.uid), Some(owner.gid)).map_err(|err| {
-            Error::io(
-                format!("error changing owner of {}", current.display()),
-                err,
-            )
-        })?;
+        owner::give_path(&current, owner)?;
     }
     Ok(())
 }

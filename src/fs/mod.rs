@@ -6,6 +6,7 @@ pub mod dirs;
 pub mod entry;
 pub mod metadata;
 pub mod ops;
+pub mod owner;
 pub mod path;
 pub mod user;
 pub mod watch;

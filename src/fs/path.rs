@@ -21,7 +21,9 @@ pub fn resolve(path: &str, home: &Path, workdir: Option<&Path>) -> Result<PathBu
     };
     let expanded = match path.strip_prefix('~') {
         Some(rest) if rest.is_empty() || rest.starts_with('/') || rest.starts_with('\\') => {
-            let rest = rest.trim_start_matches(['/', '\\']);
+            // Only `/` separates: after `~\` the backslash is part of a file name on Linux,
+            // as in envd (`~\x` becomes `<home>/\x`).
+            let rest = rest.trim_start_matches('/');
             return Ok(clean(&home.join(rest)));
         }
         Some(_) => {
@@ -84,6 +86,14 @@ mod tests {
             ("/a/../b", None, "/a/../b"),
             ("/abs/file name ü.txt", None, "/abs/file name ü.txt"),
             ("../../../../etc", None, "/etc"),
+            ("~\\x", None, "/home/user/\\x"),
+            ("~//a", None, "/home/user/a"),
+            ("~/", None, "/home/user"),
+            ("", Some("~/w"), "/home/user/w"),
+            ("", Some("rel"), "/home/user/rel"),
+            ("./a", None, "/home/user/a"),
+            (".", None, "/home/user"),
+            ("a\\b", None, "/home/user/a\\b"),
         ];
         for (input, workdir, want) in cases {
             let got = resolve(input, home, workdir.map(Path::new)).expect(input);
@@ -93,8 +103,10 @@ mod tests {
 
     #[test]
     fn refuses_other_users_homes() {
-        let err = resolve("~bob/x", Path::new("/root"), None).expect_err("~bob");
-        assert!(matches!(err, Error::InvalidArgument(_)));
+        for input in ["~bob/x", "~bob", "~.", "~~"] {
+            let err = resolve(input, Path::new("/root"), None).expect_err(input);
+            assert!(matches!(err, Error::InvalidArgument(_)), "{input}");
+        }
     }
 
     #[test]

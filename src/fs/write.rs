@@ -19,6 +19,7 @@ use crate::error::{Error, Result, is_no_space};
 use crate::fs::dirs;
 use crate::fs::entry::is_special;
 use crate::fs::metadata::{self, Metadata, Source};
+use crate::fs::owner;
 use crate::fs::user::User;
 
 /// Mode of newly created files before the umask (0644 with the usual umask).
@@ -62,9 +63,11 @@ impl Upload {
     /// owned by `owner`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the target is a directory, 507 when no inode is left,
-    /// [`Error::Io`] when the file cannot be created.
+    /// [`Error::InvalidArgument`] when the target is a directory,
+    /// [`Error::PermissionDenied`] when the daemon (not root) cannot give the file to
+    /// `owner`, 507 when no inode is left, [`Error::Io`] when the file cannot be created.
     pub fn begin(path: &Path, owner: &User, declared_len: Option<u64>) -> Result<Upload> {
+        owner::ensure_can_own(owner, path)?;
         dirs::ensure_parent(path, owner)?;
         let target = follow_symlinks(path)?;
         let existing = match std::fs::metadata(&target) {
@@ -164,8 +167,7 @@ impl Upload {
             }
             return Ok(Metadata::new());
         }
-        std::os::unix::fs::fchown(&self.file, Some(self.owner.uid), Some(self.owner.gid))
-            .map_err(|err| Error::io(context("error changing owner of"), err))?;
+        owner::give_file(&self.file, &self.target, &self.owner)?;
         if self.temp.is_some() {
             if let Some(mode) = self.keep_mode {
                 self.file

@@ -1,19 +1,25 @@
 //! REST resources and the router that puts them and the RPC services on one port.
 
+pub mod access;
+pub mod envs;
 pub mod files;
+pub mod init;
+pub mod json;
+pub mod metrics;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::{HeaderValue, StatusCode, header};
 
 use crate::rpc::Rpc;
 use crate::state::AppState;
 
 /// The whole application: REST routes, with every `/package.Service/Method` path handed to
-/// the RPC protocols.
+/// the RPC protocols. Every REST path passes the access-token gate ([`access`]); RPCs pass
+/// the same gate inside the RPC stack.
 pub fn router(state: AppState, rpc: Rpc) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -21,7 +27,14 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
             "/files",
             get(files::download::download).post(files::upload::upload),
         )
+        .route("/init", post(init::init))
+        .route("/envs", get(envs::envs))
+        .route("/metrics", get(metrics::metrics))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::gate,
+        ))
         .with_state((state, rpc))
 }
 

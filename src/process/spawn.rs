@@ -71,7 +71,7 @@ pub enum Io {
 /// exit status 127 or 126, as with envd.
 ///
 /// # Errors
-/// [`Error::FailedPrecondition`] when another user is asked for and the daemon is not
+/// [`Error::PermissionDenied`] when another user is asked for and the daemon is not
 /// root; [`Error::InvalidArgument`] when the process cannot be started.
 pub fn spawn(spec: &Spec) -> Result<Spawned> {
     let setup = child_setup(spec)?;
@@ -128,7 +128,7 @@ fn child_setup(spec: &Spec) -> Result<ChildSetup> {
     } else if spec.user.uid == daemon_uid.as_raw() {
         None
     } else {
-        return Err(Error::FailedPrecondition(format!(
+                return Err(Error::PermissionDenied(format!(
             "running a process as '{}' needs root: envd runs as uid {}",
             spec.user.name,
             daemon_uid.as_raw()

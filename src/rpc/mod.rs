@@ -1,8 +1,10 @@
 //! RPC: the tonic services (each RPC implemented once) and the protocol layers in front of
 //! them. gRPC reaches the services directly; gRPC-Web (tonic-web) and Connect
-//! ([`connect`]) are translations into gRPC. Every protocol passes through [`lifetime`],
-//! which applies the call's deadline and the daemon's shutdown.
+//! ([`connect`]) are translations into gRPC. Every protocol passes through [`access`], the
+//! access-token gate, and [`lifetime`], which applies the call's deadline and the daemon's
+//! shutdown.
 
+pub mod access;
 pub mod codec;
 pub mod connect;
 pub mod convert;
@@ -92,10 +94,18 @@ impl Rpc {
         .add_service(reflection_v1alpha);
         let services = GrpcService::new(routes);
         let shutdown = state.shutdown.clone();
+        let tokens = state.access.clone();
         let grpc = tower::service_fn(move |request: Request<tonic::body::Body>| {
             let services = services.clone();
             let shutdown = shutdown.clone();
-            async move { Ok::<_, Infallible>(lifetime::call(services, request, shutdown).await) }
+            // Every protocol passes here, so one check gates every RPC.
+            let refusal = access::refusal(&tokens, &request);
+            async move {
+                if let Some(refusal) = refusal {
+                    return Ok(refusal);
+                }
+                Ok::<_, Infallible>(lifetime::call(services, request, shutdown).await)
+            }
         });
         Ok(Rpc {
             grpc: GrpcService::new(grpc),

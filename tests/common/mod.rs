@@ -309,3 +309,131 @@ pub fn wait_for_dir_change(
         }
     }
 }
+
+/// The header that carries the access token.
+pub const TOKEN_HEADER: &str = "X-Access-Token";
+
+impl Daemon {
+    /// Starts a daemon for tests that call `/init`: it never sets the machine's clock and
+    /// installs CA certificates under `ca_dir` instead of the system trust store.
+    pub fn start_for_init(ca_dir: &Path) -> Daemon {
+        let args = init_args(ca_dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_with(&args, &[])
+    }
+
+    /// Starts the daemon as `uid:gid` with no supplementary groups and no capabilities, via
+    /// `setpriv` (util-linux), with `args`.
+    pub fn start_as(uid: u32, gid: u32, args: &[&str]) -> Daemon {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg("--inh-caps=-all")
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_envd"))
+            .args(["--addr", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("ENVD_LOG", "warn")
+            .env_remove("ENVD_DEFAULT_USER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        Daemon::spawned(command)
+    }
+
+    fn spawned(mut command: Command) -> Daemon {
+        let mut child = command.spawn().expect("spawn envd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the ready line");
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|err| panic!("ready line {line:?} is not JSON: {err}"));
+        assert_eq!(ready["event"], "listening", "{line}");
+        let addr: SocketAddr = ready["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("socket address");
+        Daemon {
+            child: Some(child),
+            addr,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// `POST /init` with a JSON body.
+    pub async fn init(&self, body: serde_json::Value) -> reqwest::Response {
+        self.init_raw(body.to_string()).await
+    }
+
+    /// `POST /init` with any body.
+    pub async fn init_raw(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        http()
+            .post(self.url("/init"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("/init")
+    }
+
+    /// `POST /init` that must succeed (204).
+    pub async fn init_ok(&self, body: serde_json::Value) {
+        let response = self.init(body).await;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, 204, "/init answered {status}: {text}");
+    }
+}
+
+/// Arguments that keep `/init` away from the machine's clock and trust store.
+pub fn init_args(ca_dir: &Path) -> Vec<String> {
+    let path = |name: &str| ca_dir.join(name).to_str().expect("utf-8").to_owned();
+    vec![
+        "--set-clock".into(),
+        "false".into(),
+        "--ca-bundle-file".into(),
+        path("ca-certificates.crt"),
+        "--ca-cert-file".into(),
+        path("e2b-ca.crt"),
+    ]
+}
+
+/// Connect unary JSON call with extra headers; returns (HTTP status, JSON body).
+pub async fn connect_json_with(
+    daemon: &Daemon,
+    method: &str,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let mut request = http()
+        .post(daemon.url(method))
+        .header("content-type", "application/json")
+        .header("connect-protocol-version", "1");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("connect call");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?} is not JSON: {err}"));
+    (status, json)
+}
+
+/// `Authorization: Basic` for `user` with an empty password, as the SDKs send it.
+pub fn basic_auth(user: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
+    )
+}

@@ -10,6 +10,7 @@ use tokio_util::io::ReaderStream;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
+use crate::auth::signature::Operation;
 use crate::error::Error;
 use crate::fs::entry::base_name;
 use crate::http::files::encoding::{self, Coding};
@@ -29,6 +30,9 @@ pub async fn download(State(state): State<AppState>, request: Request) -> Respon
 
 async fn serve(state: AppState, request: Request) -> Result<Response, Response> {
     let query = FilesQuery::parse(request.uri().query()).map_err(IntoResponse::into_response)?;
+    query
+        .authorize(&state, request.headers(), Operation::Read)
+        .map_err(IntoResponse::into_response)?;
     let requester = state
         .identity
         .for_files(query.username.as_deref())

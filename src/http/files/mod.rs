@@ -5,8 +5,15 @@ pub mod download;
 pub mod encoding;
 pub mod upload;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
+use crate::auth::gate::ACCESS_TOKEN_HEADER;
+use crate::auth::signature::{self, FileAccess, Operation};
+use crate::error::Error;
+use crate::state::AppState;
 
 /// The query parameters of `/files`. Each may appear at most once.
 #[derive(Debug, Default, Clone)]
@@ -18,22 +25,23 @@ pub struct FilesQuery {
     /// A signed-URL signature.
     pub signature: Option<String>,
     /// Expiry of a signed URL (Unix seconds).
-    pub signature_expiration: Option<String>,
+    pub signature_expiration: Option<i64>,
 }
 
 impl FilesQuery {
     /// Parses a raw query string.
     ///
     /// # Errors
-    /// [`QueryError`] when a parameter repeats.
+    /// [`QueryError`] when a parameter repeats, or `signature_expiration` is not an integer.
     pub fn parse(query: Option<&str>) -> Result<Self, QueryError> {
         let mut parsed = FilesQuery::default();
+        let mut expiration: Option<String> = None;
         for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             let slot = match name.as_ref() {
                 "path" => &mut parsed.path,
                 "username" => &mut parsed.username,
                 "signature" => &mut parsed.signature,
-                "signature_expiration" => &mut parsed.signature_expiration,
+                "signature_expiration" => &mut expiration,
                 _ => continue,
             };
             if slot.is_some() {
@@ -43,7 +51,39 @@ impl FilesQuery {
             }
             *slot = Some(value.into_owned());
         }
+        if let Some(text) = expiration {
+            let value = text.parse::<i64>().map_err(|err| {
+                QueryError(format!(
+                    "Invalid format for parameter signature_expiration: {text:?} is not an integer: {err}"
+                ))
+            })?;
+            parsed.signature_expiration = Some(value);
+        }
         Ok(parsed)
+    }
+
+    /// Checks that the request may do `operation`: the access token in the header, or a
+    /// valid signed URL, once a token is in force (reference §2.4).
+    ///
+    /// # Errors
+    /// [`Error::Unauthenticated`] naming what is wrong.
+    pub fn authorize(
+        &self,
+        state: &AppState,
+        headers: &HeaderMap,
+        operation: Operation,
+    ) -> Result<(), Error> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let access = FileAccess {
+            header_token: headers.get(ACCESS_TOKEN_HEADER).map(|v| v.as_bytes()),
+            path: self.path.as_deref().unwrap_or(""),
+            username: self.username.as_deref().unwrap_or(""),
+            signature: self.signature.as_deref(),
+            expiration: self.signature_expiration,
+        };
+        signature::check(&state.access, &access, operation, now)
     }
 }
 
@@ -76,5 +116,12 @@ mod tests {
         assert_eq!(q.path.as_deref(), Some(""));
         let err = FilesQuery::parse(Some("path=a&path=b")).expect_err("repeat");
         assert_eq!(err.into_response().status(), StatusCode::BAD_REQUEST);
+        let q = FilesQuery::parse(Some("signature=v1_x&signature_expiration=-5")).expect("parse");
+        assert_eq!(q.signature_expiration, Some(-5));
+        for bad in ["soon", "1.5", "", "99999999999999999999"] {
+            let err =
+                FilesQuery::parse(Some(&format!("signature_expiration={bad}"))).expect_err(bad);
+            assert_eq!(err.into_response().status(), StatusCode::BAD_REQUEST);
+        }
     }
 }

@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::mpsc;
 use tokio_util::io::{ReaderStream, StreamReader};
 
+use crate::auth::signature::Operation;
 use crate::error::Error;
 use crate::fs::entry::base_name;
 use crate::fs::metadata::{self, Metadata};
@@ -63,6 +64,9 @@ pub async fn upload(State(state): State<AppState>, request: Request) -> Response
 
 async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, Response> {
     let query = FilesQuery::parse(request.uri().query()).map_err(IntoResponse::into_response)?;
+    query
+        .authorize(&state, request.headers(), Operation::Write)
+        .map_err(IntoResponse::into_response)?;
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let coding = encoding::request_coding(header_str(&headers, header::CONTENT_ENCODING)).map_err(|hdr| {
