@@ -51,10 +51,10 @@ pub struct Cli {
     #[arg(long, env = "ENVD_SET_CLOCK", default_value_t = DEFAULT_SET_CLOCK, action = clap::ArgAction::Set)]
     pub set_clock: bool,
     /// The system CA bundle an `/init` `caBundle` is added to.
-    #[arg(long, env = "ENVD_CA_BUNDLE_FILE", default_value = crate::system::ca::DEFAULT_BUNDLE_FILE)]
+    #[arg(long, env = "ENVD_CA_BUNDLE_FILE", default_value = crate::host::ca::DEFAULT_BUNDLE_FILE)]
     pub ca_bundle_file: PathBuf,
     /// Where the installed `caBundle` PEM is kept (to replace it on the next change).
-    #[arg(long, env = "ENVD_CA_CERT_FILE", default_value = crate::system::ca::DEFAULT_CERT_FILE)]
+    #[arg(long, env = "ENVD_CA_CERT_FILE", default_value = crate::host::ca::DEFAULT_CERT_FILE)]
     pub ca_cert_file: PathBuf,
     /// Directory watchers (streams and polling) allowed at once.
     #[arg(long, env = "ENVD_MAX_WATCHERS", default_value_t = DEFAULT_MAX_WATCHERS)]
@@ -90,7 +90,7 @@ pub struct Config {
     /// Whether `/init` may set the system clock.
     pub set_clock: bool,
     /// Where `/init` installs a CA certificate.
-    pub ca: crate::system::ca::CaStore,
+    pub ca: crate::host::ca::CaStore,
 }
 
 impl Config {
@@ -111,7 +111,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_secs),
             default_user,
             set_clock: cli.set_clock,
-            ca: crate::system::ca::CaStore {
+            ca: crate::host::ca::CaStore {
                 bundle: cli.ca_bundle_file,
                 cert: cli.ca_cert_file,
             },
@@ -134,9 +134,9 @@ impl Config {
             max_process_timeout: DEFAULT_MAX_PROCESS_TIMEOUT,
             // Tests must never move the machine's clock.
             set_clock: false,
-            ca: crate::system::ca::CaStore {
-                bundle: crate::system::ca::DEFAULT_BUNDLE_FILE.into(),
-                cert: crate::system::ca::DEFAULT_CERT_FILE.into(),
+            ca: crate::host::ca::CaStore {
+                bundle: crate::host::ca::DEFAULT_BUNDLE_FILE.into(),
+                cert: crate::host::ca::DEFAULT_CERT_FILE.into(),
             },
         }
     }

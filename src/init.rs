@@ -15,9 +15,9 @@ use tokio::sync::Mutex;
 
 use crate::auth::token::{AccessToken, HostTokenHash, authorize_change};
 use crate::error::Result;
+use crate::host::ca::CaStore;
+use crate::host::clock;
 use crate::state::AppState;
-use crate::system::ca::CaStore;
-use crate::system::clock;
 
 /// One `/init` call, parsed. Every field is optional.
 #[derive(Debug, Default, Clone)]

@@ -13,7 +13,7 @@
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.
 //! - [`init`]: `/init`, the control plane's setup of the sandbox.
-//! - [`system`]: the machine itself: clock, CA trust store, load metrics.
+//! - [`host`]: the machine itself: clock, CA trust store, load metrics.
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
 pub mod auth;
@@ -21,6 +21,7 @@ pub mod config;
 pub mod env;
 pub mod error;
 pub mod fs;
+pub mod host;
 pub mod http;
 pub mod identity;
 pub mod init;
@@ -30,4 +31,3 @@ pub mod rpc;
 pub mod server;
 pub mod state;
 pub mod sys;
-pub mod system;

@@ -7,9 +7,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::token::{NoHostTokenHash, TokenStore};
 use crate::config::Config;
 use crate::env::EnvStore;
+use crate::host::metrics::CpuSampler;
 use crate::identity::Identity;
 use crate::init::{InitPolicy, Initializer};
-use crate::system::metrics::CpuSampler;
 
 /// Everything a handler may need, cheap to clone.
 #[derive(Debug, Clone)]

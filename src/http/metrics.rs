@@ -3,10 +3,10 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
+use crate::host::metrics;
 use crate::http::json::json_no_store;
 use crate::rpc::blocking;
 use crate::state::AppState;
-use crate::system::metrics;
 
 /// Serves `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> Response {

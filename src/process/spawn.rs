@@ -128,7 +128,7 @@ fn child_setup(spec: &Spec) -> Result<ChildSetup> {
     } else if spec.user.uid == daemon_uid.as_raw() {
         None
     } else {
-                return Err(Error::PermissionDenied(format!(
+        return Err(Error::PermissionDenied(format!(
             "running a process as '{}' needs root: envd runs as uid {}",
             spec.user.name,
             daemon_uid.as_raw()
