@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "proto/filesystem/filesystem.proto",
     "proto/process/process.proto",
     "proto/envd_ext/processes.proto",
+    "proto/envd_ext/metadata.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,5 +1,5 @@
 //! The access-token gate (reference §2.1). With a token in force, a request gets through
-//! only when it carries the token in `X-Access-Token` or is one of four exempt routes
+//! only when it carries the token in `X-Access-Token` or is one of the exempt routes
 //! (exact method and path). The REST middleware and the RPC stack both ask [`check`], so
 //! they refuse exactly the same requests.
 
@@ -15,17 +15,19 @@ pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 pub const UNAUTHORIZED_MESSAGE: &str =
     "unauthorized access, please provide a valid access token or method signing if supported";
 
-/// Routes that pass without the token: `/health` (liveness probes), `/files` (it checks
-/// the token or a URL signature itself) and `/init` (it checks token changes itself).
-/// Matched exactly: `GET /files/` or `HEAD /files` are not exempt.
-const EXEMPT: [(Method, &str); 4] = [
+/// Routes that pass without the token: `/health` (liveness probes), `/files` and
+/// `/files/metadata` (they check the token or a URL signature themselves) and `/init` (it
+/// checks token changes itself). Matched exactly: `GET /files/` or `HEAD /files` are not
+/// exempt.
+const EXEMPT: [(Method, &str); 5] = [
     (Method::GET, "/health"),
     (Method::GET, "/files"),
     (Method::POST, "/files"),
+    (Method::PATCH, "/files/metadata"),
     (Method::POST, "/init"),
 ];
 
-/// True for the four routes that pass without the token.
+/// True for the routes that pass without the token.
 pub fn is_exempt(method: &Method, path: &str) -> bool {
     EXEMPT.iter().any(|(m, p)| m == method && *p == path)
 }

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use http::{HeaderValue, StatusCode, header};
 
 use crate::rpc::Rpc;
@@ -27,6 +27,7 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
             "/files",
             get(files::download::download).post(files::upload::upload),
         )
+        .route("/files/metadata", patch(files::metadata::patch_metadata))
         .route("/init", post(init::init))
         .route("/envs", get(envs::envs))
         .route("/metrics", get(metrics::metrics))

@@ -86,7 +86,8 @@ static METHODS: LazyLock<HashMap<&'static str, Method>> = LazyLock::new(|| {
         "/process.Process/SendSignal" => Unary, pr::SendSignalRequest, pr::SendSignalResponse;
                 "/process.Process/CloseStdin" => Unary, pr::CloseStdinRequest, pr::CloseStdinResponse;
         "/envd_ext.Processes/List" => Unary, ext::ListProcessesRequest, ext::ListProcessesResponse;
-        "/envd_ext.Processes/SetTimeout" => Unary, ext::SetTimeoutRequest, ext::SetTimeoutResponse;
+                "/envd_ext.Processes/SetTimeout" => Unary, ext::SetTimeoutRequest, ext::SetTimeoutResponse;
+        "/envd_ext.Metadata/Patch" => Unary, ext::PatchMetadataRequest, ext::PatchMetadataResponse;
     })
 });
 

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod connect;
 pub mod convert;
 pub mod envelope;
+pub mod ext_metadata;
 pub mod ext_processes;
 pub mod filesystem;
 pub mod lifetime;
@@ -24,6 +25,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
 use crate::error::Error;
+use crate::proto::envd_ext::metadata_server::MetadataServer;
 use crate::proto::envd_ext::processes_server::ProcessesServer;
 use crate::proto::{
     filesystem::filesystem_server::FilesystemServer, process::process_server::ProcessServer,
@@ -85,6 +87,9 @@ impl Rpc {
         .add_service(ProcessServer::new(process::ProcessService::new(
             state.clone(),
             table.clone(),
+        )))
+        .add_service(MetadataServer::new(ext_metadata::MetadataExt::new(
+            state.clone(),
         )))
         .add_service(ProcessesServer::new(ext_processes::ProcessesExt::new(
             table,

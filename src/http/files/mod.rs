@@ -3,6 +3,7 @@
 pub mod disposition;
 pub mod download;
 pub mod encoding;
+pub mod metadata;
 pub mod upload;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -90,6 +91,12 @@ impl FilesQuery {
 /// A malformed query: answered 400 in plain text, as envd's parameter binding does.
 #[derive(Debug)]
 pub struct QueryError(String);
+
+impl std::fmt::Display for QueryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {

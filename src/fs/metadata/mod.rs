@@ -9,11 +9,15 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use xattr::FileExt;
 
 use crate::error::{Error, Result};
+
+pub mod lock;
+pub mod patch;
 
 /// The xattr namespace our keys live under.
 pub const XATTR_PREFIX: &str = "user.e2b.";
@@ -92,6 +96,29 @@ pub enum Source<'a> {
 /// # Errors
 /// The OS error for anything but "unsupported" (callers treat it as "no metadata").
 pub fn read(source: Source<'_>) -> io::Result<Metadata> {
+    match source {
+        // A path may be renamed over between the lock and the read: retry until the inode
+        // read is the inode locked.
+        Source::Path(path) => loop {
+            let before = std::fs::metadata(path)?;
+            let guard = lock::read(before.dev(), before.ino());
+            let metadata = read_unlocked(source)?;
+            drop(guard);
+            let after = std::fs::metadata(path)?;
+            if (after.dev(), after.ino()) == (before.dev(), before.ino()) {
+                return Ok(metadata);
+            }
+        },
+        Source::File(file) => {
+            let stat = file.metadata()?;
+            let _guard = lock::read(stat.dev(), stat.ino());
+            read_unlocked(source)
+        }
+    }
+}
+
+/// [`read`] without taking the inode lock, for callers that hold it already.
+pub(super) fn read_unlocked(source: Source<'_>) -> io::Result<Metadata> {
     let names = match source {
         Source::Path(path) => xattr::list_deref(path),
         Source::File(file) => file.list_xattr(),
