@@ -62,6 +62,18 @@ def of(events, name):
     return [e.type for e in events if e.name == name]
 
 
+def without_chmod_of(events, *dirs):
+    """``events`` without CHMOD events of ``dirs``.
+
+    Directories the daemon creates (MakeDir, or an upload's missing parents)
+    are chowned to the request's user, as envd does; inotify reports that as
+    an attribute change, so a CHMOD of each new directory may follow its
+    CREATE (twice under a recursive watch: once from the parent's watch and
+    once from the directory's own). Tests about other events ignore those.
+    """
+    return [e for e in events if not (e.type == CHMOD and e.name in dirs)]
+
+
 def new_sentinel_name() -> str:
     return f"zz-sentinel-{uuid.uuid4().hex[:8]}"
 
@@ -73,6 +85,27 @@ def sentinel_seen(name):
 def assert_no_upload_temp_names(events):
     leaked = [e.name for e in events if UPLOAD_TEMP_MARKER in e.name]
     assert leaked == [], f"upload temp files leaked into watch events: {leaked}"
+
+
+def upload_temp_files(directory):
+    """Names in ``directory`` (on disk) that are in-progress upload temp files."""
+    return [n for n in os.listdir(directory) if UPLOAD_TEMP_MARKER in n]
+
+
+def wait_until(condition, what):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {DEADLINE_S}s waiting for {what}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+async def async_wait_until(condition, what):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {DEADLINE_S}s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL_S)
 
 
 class Poller:
@@ -269,7 +302,7 @@ def test_make_dir_is_reported_as_create(sandbox, watched):
 
         events = poller.settle(sandbox, watched)
 
-        assert pairs(events) == [(CREATE, "subdir")]
+        assert pairs(without_chmod_of(events, "subdir")) == [(CREATE, "subdir")]
     finally:
         poller.handle.stop()
 
@@ -288,7 +321,7 @@ def test_recursive_watch_reports_file_in_new_nested_directories(sandbox, watched
         assert creates.index("a") < creates.index("a/b") < creates.index("a/b/c")
         # The file may also be reported written (if its directory was watched in
         # time); nothing else is reported.
-        others = [p for p in pairs(events) if p[0] != CREATE]
+        others = [p for p in pairs(without_chmod_of(events, "a", "a/b", "a/b/c")) if p[0] != CREATE]
         assert others in ([], [(WRITE, "a/b/c/f.txt")]), pairs(events)
     finally:
         poller.handle.stop()
@@ -325,7 +358,7 @@ def test_non_recursive_watch_ignores_changes_inside_subdirectories(sandbox, watc
 
         events = poller.settle(sandbox, watched)
 
-        assert pairs(events) == [(CREATE, "a")]
+        assert pairs(without_chmod_of(events, "a")) == [(CREATE, "a")]
     finally:
         poller.handle.stop()
 
@@ -368,10 +401,12 @@ def test_include_entry_describes_new_directory(sandbox, watched):
 
         events = poller.settle(sandbox, watched)
 
-        assert pairs(events) == [(CREATE, "d")]
-        entry = events[0].entry
-        assert entry is not None
-        assert (entry.name, entry.path, entry.type) == ("d", os.path.join(watched, "d"), FileType.DIR)
+        assert pairs(without_chmod_of(events, "d")) == [(CREATE, "d")]
+        # CREATE, and any CHMOD from the chown, describe the new directory.
+        for event in events:
+            entry = event.entry
+            assert entry is not None, pairs(events)
+            assert (entry.name, entry.path, entry.type) == ("d", os.path.join(watched, "d"), FileType.DIR)
     finally:
         poller.handle.stop()
 
@@ -490,6 +525,46 @@ def test_removing_the_watched_directory_ends_the_polling_watcher(sandbox, watche
         handle.stop()
 
 
+def test_upload_in_progress_in_a_directory_moved_into_the_tree_is_not_reported(
+    sandbox, workdir, watched
+):
+    """A recursive watch walks a directory moved into the tree; an upload still
+    in progress in it (its hidden temp file open) must not be reported, and the
+    upload, once done, is reported as CREATE and WRITE of its target."""
+    inner = os.path.join(watched, "inner")
+    parked = os.path.join(workdir, "parked")
+    sandbox.files.make_dir(inner)
+    poller = watch(sandbox, watched, recursive=True)
+    try:
+
+        def body():
+            yield b"first half, "
+            wait_until(lambda: upload_temp_files(inner), "the upload's temp file in inner")
+            # Move the directory out of the tree and back in while the upload's
+            # temp file is in it; hold the rest of the body back until the
+            # watcher has seen it come back (and walked it).
+            sandbox.files.rename(inner, parked)
+            sandbox.files.rename(parked, inner)
+            poller.wait_for(lambda evs: (CREATE, "inner") in pairs(evs), "CREATE of inner")
+            yield b"second half"
+
+        sandbox.files.write(os.path.join(inner, "f.txt"), body())
+
+        events = poller.settle(sandbox, watched)
+
+        assert_no_upload_temp_names(events)
+        assert pairs(events) == [
+            (RENAME, "inner"),
+            (CREATE, "inner"),
+            (CREATE, "inner/f.txt"),
+            (WRITE, "inner/f.txt"),
+        ]
+        with open(os.path.join(inner, "f.txt"), "rb") as f:
+            assert f.read() == b"first half, second half"
+    finally:
+        poller.handle.stop()
+
+
 def test_upload_temp_files_never_show_up(sandbox, watched):
     poller = watch(sandbox, watched, recursive=True, include_entry=True)
     try:
@@ -591,7 +666,7 @@ async def test_async_make_dir_is_reported_as_create(envd_url, watched):
 
         events = await collector.settle(sbx, watched)
 
-        assert pairs(events) == [(CREATE, "subdir")]
+        assert pairs(without_chmod_of(events, "subdir")) == [(CREATE, "subdir")]
     finally:
         await handle.stop()
 
@@ -608,7 +683,7 @@ async def test_async_recursive_watch_reports_file_in_new_nested_directories(envd
         creates = [e.name for e in events if e.type == CREATE]
         assert sorted(creates) == ["a", "a/b", "a/b/c", "a/b/c/f.txt"]
         assert creates.index("a") < creates.index("a/b") < creates.index("a/b/c")
-        others = [p for p in pairs(events) if p[0] != CREATE]
+        others = [p for p in pairs(without_chmod_of(events, "a", "a/b", "a/b/c")) if p[0] != CREATE]
         assert others in ([], [(WRITE, "a/b/c/f.txt")]), pairs(events)
     finally:
         await handle.stop()
@@ -622,6 +697,9 @@ async def test_async_include_entry_attaches_entry_with_metadata(envd_url, watche
     handle, collector = await awatch(sbx, watched, include_entry=True)
     try:
         await sbx.files.write(path, "12345", metadata=metadata)
+        # Let the write's events be described before the file goes away (an
+        # entry is attached only while the path can still be described).
+        await collector.wait_events(lambda evs: WRITE in of(evs, "meta.txt"), "WRITE of meta.txt")
         await sbx.files.remove(path)
 
         events = await collector.settle(sbx, watched)
@@ -639,6 +717,14 @@ async def test_async_include_entry_attaches_entry_with_metadata(envd_url, watche
 async def test_async_stop_calls_on_exit_without_error_and_ends_events(envd_url, watched):
     sbx = await AsyncSandbox.create()
     handle, collector = await awatch(sbx, watched)
+    # Let the watch deliver something first: the SDK's event task must have
+    # started for stop() to reach on_exit (a task cancelled before it ever ran
+    # calls nothing).
+    await sbx.files.write(os.path.join(watched, "before-stop.txt"), "x")
+    before = pairs(await collector.settle(sbx, watched))
+    assert before == [(CREATE, "before-stop.txt"), (WRITE, "before-stop.txt")]
+    seen = len(collector.events)
+
     await handle.stop()
 
     assert await collector.wait_exit() is None
@@ -651,7 +737,7 @@ async def test_async_stop_calls_on_exit_without_error_and_ends_events(envd_url, 
         await other_collector.settle(sbx, watched)
     finally:
         await other.stop()
-    assert collector.events == []
+    assert len(collector.events) == seen, pairs(collector.events[seen:])
     assert collector.exits == [None]
 
 
@@ -699,6 +785,42 @@ async def test_async_watch_missing_path_or_file_raises(envd_url, workdir):
     with pytest.raises(InvalidArgumentException):
         await sbx.files.watch_dir(file_path, on_event=collector.on_event)
     assert collector.events == []
+
+
+@pytest.mark.asyncio
+async def test_async_upload_in_progress_in_a_directory_moved_into_the_tree_is_not_reported(
+    envd_url, workdir, watched
+):
+    sbx = await AsyncSandbox.create()
+    inner = os.path.join(watched, "inner")
+    parked = os.path.join(workdir, "parked")
+    await sbx.files.make_dir(inner)
+    handle, collector = await awatch(sbx, watched, recursive=True)
+    try:
+
+        async def body():
+            yield b"first half, "
+            await async_wait_until(lambda: upload_temp_files(inner), "the upload's temp file in inner")
+            await sbx.files.rename(inner, parked)
+            await sbx.files.rename(parked, inner)
+            await collector.wait_events(lambda evs: (CREATE, "inner") in pairs(evs), "CREATE of inner")
+            yield b"second half"
+
+        await sbx.files.write(os.path.join(inner, "f.txt"), body())
+
+        events = await collector.settle(sbx, watched)
+
+        assert_no_upload_temp_names(events)
+        assert pairs(events) == [
+            (RENAME, "inner"),
+            (CREATE, "inner"),
+            (CREATE, "inner/f.txt"),
+            (WRITE, "inner/f.txt"),
+        ]
+        with open(os.path.join(inner, "f.txt"), "rb") as f:
+            assert f.read() == b"first half, second half"
+    finally:
+        await handle.stop()
 
 
 @pytest.mark.asyncio

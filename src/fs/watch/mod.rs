@@ -439,14 +439,11 @@ async fn run(
                 }
             }
         }
-        // A subdirectory's own DELETE_SELF and MOVE_SELF repeat what its parent reported
-        // (DELETE, MOVED_FROM): report those once. A subdirectory still named as moved
-        // away by the time of its MOVE_SELF left the tree: stop watching it.
-        if !is_root
-            && event
-                .mask
-                .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
-        {
+                // A subdirectory's own events (DELETE_SELF, MOVE_SELF, ATTRIB) repeat what its
+        // parent reported under its name (DELETE, MOVED_FROM, ATTRIB): report those once.
+        // A subdirectory still named as moved away by the time of its MOVE_SELF left the
+        // tree: stop watching it.
+        if !is_root && event.name.is_none() {
             if event.mask.contains(EventMask::MOVE_SELF) {
                 let left: Vec<u32> = moved_from
                     .iter()
@@ -465,6 +462,8 @@ async fn run(
         if synthesized.len() + found.len() > MAX_PENDING_MOVES * 4 {
             synthesized.clear();
         }
+                // Uploads in progress inside a directory just walked are not entries yet.
+        found.retain(|path| !path.file_name().is_some_and(is_upload_temp));
         synthesized.extend(found.iter().cloned());
         batch.extend(found.into_iter().map(|path| (path, EventKind::Create)));
         for (path, kind) in batch {
