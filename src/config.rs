@@ -23,6 +23,9 @@ pub const DEFAULT_WATCHER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// Longest deadline `SetTimeout` accepts (a sandbox lives at most about a day).
 pub const DEFAULT_MAX_PROCESS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Where state that survives a restart lives: `/run` is gone after a reboot, as the
+/// processes it describes are.
+pub const DEFAULT_STATE_DIR: &str = "/run/envd";
 /// Whether `/init` may set the system clock: yes, a resumed sandbox's clock is stale.
 pub const DEFAULT_SET_CLOCK: bool = true;
 
@@ -47,6 +50,10 @@ pub struct Cli {
     /// user when it does not run as root].
     #[arg(long, env = "ENVD_DEFAULT_USER")]
     pub default_user: Option<String>,
+    /// The state directory (the `/init` state, the process table, keeper sockets); an
+    /// empty value keeps no state.
+    #[arg(long, env = "ENVD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Whether `/init` may set the system clock to the host's time.
     #[arg(long, env = "ENVD_SET_CLOCK", default_value_t = DEFAULT_SET_CLOCK, action = clap::ArgAction::Set)]
     pub set_clock: bool,
@@ -87,6 +94,8 @@ pub struct Config {
     pub kill_grace: Duration,
     /// Longest deadline `SetTimeout` accepts.
     pub max_process_timeout: Duration,
+    /// The state directory; `None` keeps no state.
+    pub state_dir: Option<PathBuf>,
     /// Whether `/init` may set the system clock.
     pub set_clock: bool,
     /// Where `/init` installs a CA certificate.
@@ -110,6 +119,7 @@ impl Config {
             listen: SocketAddr::new(cli.addr, cli.port),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_secs),
             default_user,
+            state_dir: (!cli.state_dir.as_os_str().is_empty()).then_some(cli.state_dir),
             set_clock: cli.set_clock,
             ca: crate::host::ca::CaStore {
                 bundle: cli.ca_bundle_file,
@@ -132,6 +142,7 @@ impl Config {
             watcher_idle_timeout: DEFAULT_WATCHER_IDLE_TIMEOUT,
             kill_grace: DEFAULT_KILL_GRACE,
             max_process_timeout: DEFAULT_MAX_PROCESS_TIMEOUT,
+            state_dir: None,
             // Tests must never move the machine's clock.
             set_clock: false,
             ca: crate::host::ca::CaStore {

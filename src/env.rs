@@ -53,6 +53,15 @@ impl EnvStore {
         vars.user = user;
     }
 
+    /// The user variables alone (what `/init` set).
+    pub fn user_vars(&self) -> BTreeMap<String, String> {
+        self.vars
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .user
+            .clone()
+    }
+
     /// Every variable, internal and user, sorted by name.
     pub fn snapshot(&self) -> BTreeMap<String, String> {
         let vars = self

@@ -17,6 +17,7 @@ use crate::auth::token::{AccessToken, HostTokenHash, authorize_change};
 use crate::error::Result;
 use crate::host::ca::CaStore;
 use crate::host::clock;
+use crate::persist::init_state::{self, InitState};
 use crate::state::AppState;
 
 /// One `/init` call, parsed. Every field is optional.
@@ -83,6 +84,16 @@ impl Initializer {
     }
 }
 
+impl Initializer {
+    /// Restores what a previous run applied (from the state directory).
+    pub fn restore(&self, newest: Option<i64>, ca_pem: Option<String>) {
+        if let Ok(mut applied) = self.applied.try_lock() {
+            applied.newest = newest;
+            applied.ca_pem = ca_pem;
+        }
+    }
+}
+
 /// Applies one `/init` call: checks the token change, then — unless the request is stale —
 /// sets the clock, the environment, the token, the defaults and the CA certificate, in that
 /// order. The first failure stops the rest (earlier steps stay applied, as in envd).
@@ -124,6 +135,16 @@ pub async fn init(state: &AppState, request: InitRequest) -> Result<Outcome> {
         let installed =
             tokio::task::spawn_blocking(move || ca.install(&pem, previous.as_deref())).await??;
         applied.ca_pem = Some(installed);
+    }
+    if let Some(dir) = state.state_dir.clone() {
+        let snapshot = InitState::capture(state, applied.newest, applied.ca_pem.clone());
+        let saved =
+            tokio::task::spawn_blocking(move || dir.save(init_state::FILE, &snapshot)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(%err, "saving the /init state; a restart will lose it"),
+            Err(err) => tracing::error!(%err, "saving the /init state"),
+        }
     }
     Ok(Outcome::Applied)
 }

@@ -8,8 +8,10 @@
 //! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
 //! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
+//! - [`persist`]: the state directory (what survives a restart).
 //! - [`process`]: the transport-free process core (spawn, PTY, output fan-out, signals).
 //! - [`sys`]: the one module allowed `unsafe` (pre-exec child setup, terminal ioctls).
+//! - [`supervisor`]: systemd readiness and watchdog.
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.
 //! - [`init`]: `/init`, the control plane's setup of the sandbox.
@@ -25,9 +27,11 @@ pub mod host;
 pub mod http;
 pub mod identity;
 pub mod init;
+pub mod persist;
 pub mod process;
 pub mod proto;
 pub mod rpc;
 pub mod server;
 pub mod state;
+pub mod supervisor;
 pub mod sys;

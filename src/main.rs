@@ -1,16 +1,29 @@
-//! The `envd` binary: parse the command line, set up logging, bind, print the bound address
-//! on stdout, serve until SIGTERM or SIGINT.
+//! The `envd` binary: parse the command line, set up logging, open the state directory,
+//! restore what a previous run left (the `/init` state, the processes its keepers still
+//! hold), bind, print the bound address on stdout, tell systemd it is ready, serve until
+//! SIGTERM or SIGINT. Started as `envd __keeper <socket>`, it is a process keeper instead.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 use envd::config::{Cli, Config};
+use envd::persist::StateDir;
+use envd::persist::init_state::{self, InitState};
+use envd::process::keeper::{self, KEEPER_ARG};
 use envd::state::AppState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|arg| arg == KEEPER_ARG) {
+        return match args.get(2) {
+            Some(socket) => keeper::server::main(Path::new(socket)),
+            None => ExitCode::from(2),
+        };
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -45,11 +58,31 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let state_dir = match &config.state_dir {
+        Some(path) => Some(
+            StateDir::open(path)
+                .map_err(|err| anyhow::anyhow!("state directory {}: {err}", path.display()))?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
+    let state = AppState::new(config, state_dir);
+    // Restore before accepting anything: the token is enforced from the first request,
+    // and surviving processes are listed, signalled and re-attached as before.
+    if let Some(dir) = &state.state_dir {
+        if let Some(saved) = dir.load::<InitState>(init_state::FILE) {
+            saved.restore(&state);
+            tracing::info!("restored the /init state of a previous run");
+        }
+    }
+    let adopted = state.processes.rehydrate().await;
+    if adopted > 0 {
+        tracing::info!(adopted, "re-adopted processes of a previous run");
+    }
     // The one machine-readable line on stdout: supervisors and tests wait for it.
     {
         let mut stdout = std::io::stdout().lock();
@@ -57,7 +90,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
-    envd::server::run(listener, AppState::new(config), shutdown).await?;
+    envd::supervisor::ready(addr, state.shutdown.clone());
+    envd::server::run(listener, state, shutdown).await?;
     Ok(())
 }
 

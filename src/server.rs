@@ -62,6 +62,7 @@ pub async fn run(
         });
     }
     tracing::info!("shutting down");
+    crate::supervisor::stopping();
     drop(listener);
     state.shutdown.cancel();
     if tokio::time::timeout(state.config.shutdown_grace, graceful.shutdown())

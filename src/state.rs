@@ -10,9 +10,11 @@ use crate::env::EnvStore;
 use crate::host::metrics::CpuSampler;
 use crate::identity::Identity;
 use crate::init::{InitPolicy, Initializer};
+use crate::persist::StateDir;
+use crate::process::registry::ProcessTable;
 
 /// Everything a handler may need, cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AppState {
     /// The validated configuration.
     pub config: Arc<Config>,
@@ -28,12 +30,26 @@ pub struct AppState {
     pub init: Arc<Initializer>,
     /// The previous CPU reading, so `/metrics` reports usage since the last call.
     pub cpu: Arc<CpuSampler>,
+    /// Where state that survives a restart is kept; `None` keeps nothing.
+    pub state_dir: Option<Arc<StateDir>>,
+    /// The managed processes.
+    pub processes: Arc<ProcessTable>,
 }
 
 impl AppState {
-    /// Fresh state for `config`.
-    pub fn new(config: Config) -> Self {
+    /// Fresh state for `config`, with `state_dir` (opened by the caller) for what must
+    /// survive a restart. Needs a runtime (it starts the process table's tasks).
+    pub fn new(config: Config, state_dir: Option<StateDir>) -> Self {
+        let state_dir = state_dir.map(Arc::new);
+        let keeper_dir = match &state_dir {
+            Some(dir) => dir.path().join("keepers"),
+            None => std::env::temp_dir().join(format!("envd-keepers-{}", std::process::id())),
+        };
+        if let Err(err) = std::fs::create_dir_all(&keeper_dir) {
+            tracing::error!(dir = %keeper_dir.display(), %err, "creating the keepers' socket directory");
+        }
         AppState {
+            processes: ProcessTable::new(config.kill_grace, keeper_dir, state_dir.clone()),
             identity: Arc::new(Identity::new(&config.default_user)),
             env: Arc::new(EnvStore::new()),
             access: Arc::new(TokenStore::default()),
@@ -45,6 +61,7 @@ impl AppState {
                 Arc::new(NoHostTokenHash),
             )),
             cpu: Arc::new(CpuSampler::default()),
+            state_dir,
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }

@@ -15,12 +15,16 @@ pub struct ChildSetup {
     pub controlling_tty: bool,
     /// `oom_score_adj` for the child: user work is killed before the daemon.
     pub oom_score_adj: Option<i32>,
+    /// Kill the child when its parent (its keeper) dies: a process nobody keeps cannot be
+    /// managed any more.
+    pub die_with_parent: bool,
 }
 
 /// Installs `setup` to run in the child after `fork`: a new session (so the child leads
 /// its own process group and signals can reach the whole group), the controlling
 /// terminal, priority and OOM score reset, then groups, gid and uid.
-pub fn configure_child(command: &mut tokio::process::Command, setup: ChildSetup) {
+pub fn configure_child(command: &mut std::process::Command, setup: ChildSetup) {
+    use std::os::unix::process::CommandExt;
     let groups: Vec<libc::gid_t> = setup
         .credentials
         .as_ref()
@@ -61,6 +65,17 @@ pub fn configure_child(command: &mut tokio::process::Command, setup: ChildSetup)
                     return Err(io::Error::last_os_error());
                 }
             }
+            // After the credential change, which would clear it.
+            if setup.die_with_parent {
+                let parent = libc::getppid();
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    // The parent died before the setting took effect.
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
             Ok(())
         });
     }
@@ -86,14 +101,29 @@ pub fn set_window_size(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<(
     Ok(())
 }
 
-/// Registers an owned descriptor (already non-blocking) with the tokio reactor.
+/// A pidfd for `pid`: readable once the process exits (Linux 5.3+).
 ///
 /// # Errors
-/// The reactor's registration error.
-pub fn async_fd(
-    fd: std::os::fd::OwnedFd,
-) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-    // SAFETY: the `AsyncFd` takes ownership of `fd`, so the descriptor stays open for as long
-    // as it is registered and is closed only when the `AsyncFd` (deregistering first) drops.
-    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|err| err.into_parts().1)
+/// The OS error of `pidfd_open`.
+pub fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+    // memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Ignores SIGPIPE in this process, so writing to a peer that went away is an error, not
+/// death. (Children get the default back: the standard library resets it before exec.)
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN touches no handler code and is valid at any time.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
 }

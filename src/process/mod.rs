@@ -4,6 +4,7 @@
 
 pub mod deadline;
 pub mod exit;
+pub mod keeper;
 pub mod output;
 pub mod pty;
 pub mod registry;

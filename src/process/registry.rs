@@ -7,20 +7,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::ChildStdin;
-use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::persist::StateDir;
+use crate::persist::processes::{self as saved_file, SavedProcess};
 use crate::process::deadline::{Deadline, Deadlines, Expire};
 use crate::process::exit::Exit;
-use crate::process::output::{Chunk, Ended, Hub, SOURCE_QUEUE, Stream, Subscription};
-use crate::process::pty::Master;
-use crate::process::spawn::{self, Io, Spec};
+use crate::process::keeper::client::{self, Link};
+use crate::process::output::{Ended, Hub, SOURCE_QUEUE, Subscription};
+use crate::process::spawn::{self, Spec};
 
 /// How long an ended process's exit stays available to `Connect` (envd's value).
 pub const EXIT_RETENTION: Duration = Duration::from_secs(30);
@@ -28,7 +31,7 @@ pub const EXIT_RETENTION: Duration = Duration::from_secs(30);
 pub const PIPE_CHUNK: usize = 32 * 1024;
 
 /// A process as it was asked for, reported back by `List`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     /// Program.
     pub cmd: String,
@@ -108,12 +111,6 @@ impl std::fmt::Display for Selector {
     }
 }
 
-enum Input {
-    /// Stdin pipe; `None` once closed (or when started without stdin).
-    Pipe(tokio::sync::Mutex<Option<ChildStdin>>),
-    Pty(Arc<Master>),
-}
-
 /// One managed process.
 pub struct Process {
     /// Its pid (also its process group and session id).
@@ -124,11 +121,19 @@ pub struct Process {
     pub config: Config,
     /// Start order, to pick the newest of several processes with one tag.
     seq: u64,
-    input: Input,
+    /// Its start time, to tell it from a later process with the same pid.
+    start_time: u64,
+    /// The keeper holding its stdio.
+    link: Arc<Link>,
+    /// Where the keeper listens.
+    socket: PathBuf,
+    /// Whether it has a terminal.
+    pty: bool,
+    /// Whether its stdin pipe is open (started with one, not closed yet).
+    stdin_open: AtomicBool,
     hub: Arc<Hub>,
-    /// Set by an explicit kill: the end no longer waits for output to drain.
+    /// Set by an explicit kill.
     killed: AtomicBool,
-    kill_notify: Notify,
     /// The deadline kill has begun (it begins at most once).
     deadline_kill: AtomicBool,
     /// SIGTERM or SIGKILL was sent through `SendSignal`.
@@ -157,6 +162,16 @@ pub struct ProcessTable {
     seq: AtomicU64,
     deadlines: Arc<Deadlines<Process>>,
     kill_grace: Duration,
+    /// Where keepers' sockets live.
+    keeper_dir: PathBuf,
+    /// Where the table is saved for the next daemon; `None` saves nothing.
+    state_dir: Option<Arc<StateDir>>,
+    /// Bumped on every change worth saving; the saver task writes the latest table.
+    changed: watch::Sender<u64>,
+    /// Serializes saves, so an older snapshot never overwrites a newer one.
+    saving: tokio::sync::Mutex<()>,
+    /// Names keeper sockets (with the daemon's pid, unique across restarts too).
+    sockets: AtomicU64,
 }
 
 /// What `Connect` finds.
@@ -168,15 +183,90 @@ pub enum Found {
 }
 
 impl ProcessTable {
-    /// An empty table whose deadline kills send SIGTERM, then SIGKILL after `kill_grace`.
-    /// Starts the deadline reaper (needs a runtime).
-    pub fn new(kill_grace: Duration) -> Arc<Self> {
-        Arc::new(ProcessTable {
+    /// An empty table whose deadline kills send SIGTERM, then SIGKILL after `kill_grace`,
+    /// with keeper sockets in `keeper_dir` and the table saved in `state_dir`. Starts the
+    /// deadline reaper and the saver (needs a runtime).
+    pub fn new(
+        kill_grace: Duration,
+        keeper_dir: PathBuf,
+        state_dir: Option<Arc<StateDir>>,
+    ) -> Arc<Self> {
+        let (changed, _) = watch::channel(0);
+        let table = Arc::new(ProcessTable {
             tables: Mutex::new(Tables::default()),
             seq: AtomicU64::new(0),
             deadlines: Deadlines::start(),
             kill_grace,
-        })
+            keeper_dir,
+            state_dir,
+            changed,
+            saving: tokio::sync::Mutex::new(()),
+            sockets: AtomicU64::new(0),
+        });
+        if table.state_dir.is_some() {
+            tokio::spawn(save_on_change(
+                Arc::downgrade(&table),
+                table.changed.subscribe(),
+            ));
+        }
+        table
+    }
+
+    /// Re-adopts the processes a previous daemon saved: each whose keeper still answers
+    /// for the same process (same pid and start time) is managed again, with its tag,
+    /// config and deadline; the rest are dropped and logged. Run before serving.
+    pub async fn rehydrate(self: &Arc<Self>) -> usize {
+        let Some(dir) = self.state_dir.clone() else {
+            return 0;
+        };
+        let saved = dir
+            .load::<Vec<SavedProcess>>(saved_file::FILE)
+            .unwrap_or_default();
+        let mut adopted = 0;
+        for record in saved {
+            match client::connect(&record.socket).await {
+                Ok(link)
+                    if link.hello.pid == record.pid
+                        && link.hello.start_time == record.start_time =>
+                {
+                    let deadline = record.end_at.map(|end_at| {
+                        let left = end_at.duration_since(SystemTime::now()).unwrap_or_default();
+                        Deadline {
+                            due: tokio::time::Instant::now() + left,
+                            end_at,
+                        }
+                    });
+                    tracing::info!(pid = record.pid, tag = ?record.tag, "re-adopted a process after a restart");
+                    self.register(
+                        link,
+                        record.socket,
+                        record.config,
+                        record.tag,
+                        record.stdin,
+                        deadline,
+                        false,
+                    );
+                    adopted += 1;
+                }
+                Ok(link) => tracing::warn!(
+                    pid = record.pid,
+                    keeper_pid = link.hello.pid,
+                    "not adopting a saved process: its keeper keeps another process (pid reused?)"
+                ),
+                Err(err) => {
+                    tracing::info!(pid = record.pid, %err, "a saved process is gone; dropping it")
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+        adopted
+    }
+
+    /// A socket path no other keeper of this or an earlier daemon uses.
+    fn socket_path(&self) -> PathBuf {
+        let n = self.sockets.fetch_add(1, Ordering::Relaxed);
+        self.keeper_dir
+            .join(format!("k{}-{n}.sock", std::process::id()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -185,52 +275,70 @@ impl ProcessTable {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts a process and subscribes the caller to its output before any is read, so
-    /// nothing it writes is lost. `deadline` bounds its life (it is killed when it passes).
+    /// Starts a process (through its keeper) and subscribes the caller to its output
+    /// before any is read, so nothing it writes is lost. `deadline` bounds its life.
     ///
     /// # Errors
-    /// As [`spawn::spawn`].
-    pub fn start(
+    /// As [`spawn::keeper_spec`] and [`client::launch`].
+    pub async fn start(
         self: &Arc<Self>,
         spec: &Spec,
         config: Config,
         tag: Option<String>,
         deadline: Option<Duration>,
     ) -> Result<(Arc<Process>, Subscription)> {
-        let spawned = spawn::spawn(spec)?;
-        let pid = spawned.pid;
+        let keeper_spec = spawn::keeper_spec(spec)?;
+        let socket = self.socket_path();
+        let link = client::launch(&keeper_spec, &socket).await?;
+        // Computed once, here: the deadline a client sees never drifts.
+        let deadline = deadline.map(Deadline::after);
+        let (process, subscription) = self.register(
+            link,
+            socket,
+            config,
+            tag,
+            spec.stdin && spec.pty.is_none(),
+            deadline,
+            true,
+        );
+        let subscription =
+            subscription.ok_or_else(|| Error::Internal("a new process hub is closed".into()))?;
+        // Recorded before the client hears of it: a crash right after still finds it.
+        self.save().await;
+        Ok((process, subscription))
+    }
+
+    /// Manages the process behind `link`; with `subscribe`, returns a subscription taken
+    /// before any output is forwarded.
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        self: &Arc<Self>,
+        link: Link,
+        socket: PathBuf,
+        config: Config,
+        tag: Option<String>,
+        stdin: bool,
+        deadline: Option<Deadline>,
+        subscribe: bool,
+    ) -> (Arc<Process>, Option<Subscription>) {
+        let pid = link.hello.pid;
         let hub = Hub::new();
-        let subscription = hub
-            .subscribe()
-            .map_err(|_| Error::Internal("a new process hub is closed".into()))?;
+        let subscription = subscribe.then(|| hub.subscribe().ok()).flatten();
         let (source, source_rx) = mpsc::channel(SOURCE_QUEUE);
-        let mut readers = JoinSet::new();
-        let input = match spawned.io {
-            Io::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => {
-                readers.spawn(read_pipe(stdout, Stream::Stdout, source.clone()));
-                readers.spawn(read_pipe(stderr, Stream::Stderr, source.clone()));
-                Input::Pipe(tokio::sync::Mutex::new(stdin))
-            }
-            Io::Pty(master) => {
-                let master = Arc::new(master);
-                readers.spawn(read_pty(master.clone(), source.clone()));
-                Input::Pty(master)
-            }
-        };
-        drop(source);
+        let (exit_tx, exit_rx) = oneshot::channel();
+        link.spawn_reader(source, exit_tx);
         let process = Arc::new(Process {
             pid,
             tag: tag.clone(),
             config,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
-            input,
+            start_time: link.hello.start_time,
+            pty: link.hello.pty,
+            link: Arc::new(link),
+            socket,
+            stdin_open: AtomicBool::new(stdin),
             hub: hub.clone(),
             killed: AtomicBool::new(false),
-            kill_notify: Notify::new(),
             deadline_kill: AtomicBool::new(false),
             signalled: AtomicBool::new(false),
             kill_grace: self.kill_grace,
@@ -244,51 +352,34 @@ impl ProcessTable {
             }
             tables.live.insert(pid, process.clone());
         }
-        if let Some(limit) = deadline {
-            // Computed once, here: the deadline a client sees never drifts.
-            let _ = self
-                .deadlines
-                .set(process.seq, &process, Some(Deadline::after(limit)), || true);
+        if deadline.is_some() {
+            let _ = self.deadlines.set(process.seq, &process, deadline, || true);
         }
         let fan_out = tokio::spawn(hub.run(source_rx));
-        tokio::spawn(
-            self.clone()
-                .lifecycle(process.clone(), spawned.child, readers, fan_out),
-        );
-        Ok((process, subscription))
+        tokio::spawn(self.clone().lifecycle(process.clone(), exit_rx, fan_out));
+        self.changed.send_modify(|n| *n += 1);
+        (process, subscription)
     }
 
     async fn lifecycle(
         self: Arc<Self>,
         process: Arc<Process>,
-        mut child: tokio::process::Child,
-        mut readers: JoinSet<()>,
+        exit: oneshot::Receiver<std::process::ExitStatus>,
         fan_out: tokio::task::JoinHandle<()>,
     ) {
-        let waited = child.wait().await;
+        // The keeper reports the exit after the output (or at once after a kill), and the
+        // reader ends with it, which lets the fan-out finish.
+        let status = exit
+            .await
+            .unwrap_or_else(|_| std::process::ExitStatus::from_raw(libc::SIGKILL));
         self.deadlines.clear(process.seq);
-        let exit = match waited {
-            Ok(status) => Exit::from_status(status),
-            Err(err) => Exit::wait_failed(&err),
-        };
-        // Output normally drains to EOF (a descendant holding the pipe delays the end, as
-        // with envd); after an explicit kill the end does not wait for it.
-        loop {
-            if process.killed.load(Ordering::Acquire) {
-                readers.abort_all();
-                break;
-            }
-            tokio::select! {
-                next = readers.join_next() => if next.is_none() { break },
-                () = process.kill_notify.notified() => {}
-            }
-        }
-        while readers.join_next().await.is_some() {}
+        let exit = Exit::from_status(status);
         if let Err(err) = fan_out.await {
             tracing::warn!(%err, "output fan-out task failed");
         }
         let reason = process.reason(&exit);
         process.hub.finish(exit.clone(), reason);
+        process.link.release().await;
         let mut tables = self.lock();
         if tables
             .live
@@ -308,6 +399,7 @@ impl ProcessTable {
             },
         );
         drop(tables);
+        self.changed.send_modify(|n| *n += 1);
         let table = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(EXIT_RETENTION).await;
@@ -388,7 +480,8 @@ impl ProcessTable {
             }
         };
         let deadline = timeout.map(Deadline::after);
-        self.deadlines
+        let applied = self
+            .deadlines
             .set(process.seq, &process, deadline, || {
                 process.hub.exit().is_none() && !process.deadline_kill.load(Ordering::Acquire)
             })
@@ -397,7 +490,42 @@ impl ProcessTable {
                     "process with pid {} is ending; its deadline can no longer change",
                     process.pid
                 ))
+            });
+        self.changed.send_modify(|n| *n += 1);
+        applied
+    }
+
+    /// Writes the table to the state directory now, off the runtime's workers.
+    pub async fn save(&self) {
+        let Some(dir) = self.state_dir.clone() else {
+            return;
+        };
+        let _one_at_a_time = self.saving.lock().await;
+        let saved = self.saved();
+        let result = tokio::task::spawn_blocking(move || dir.save(saved_file::FILE, &saved)).await;
+        if !matches!(result, Ok(Ok(()))) {
+            tracing::error!(
+                "saving the process table failed; a restart may lose track of processes"
+            );
+        }
+    }
+
+    /// What a next daemon needs to re-adopt the live processes.
+    fn saved(&self) -> Vec<SavedProcess> {
+        let tables = self.lock();
+        let mut live: Vec<&Arc<Process>> = tables.live.values().collect();
+        live.sort_by_key(|p| p.seq);
+        live.into_iter()
+            .map(|p| SavedProcess {
+                pid: p.pid,
+                start_time: p.start_time,
+                tag: p.tag.clone(),
+                config: p.config.clone(),
+                socket: p.socket.clone(),
+                stdin: p.stdin_open.load(Ordering::Acquire),
+                end_at: self.deadlines.get(p.seq).map(|d| d.end_at),
             })
+            .collect()
     }
 
     /// Every managed process: live ones, then retained exits.
@@ -454,7 +582,7 @@ impl Process {
 
     /// Whether the process has a terminal.
     pub fn is_pty(&self) -> bool {
-        matches!(self.input, Input::Pty(_))
+        self.pty
     }
 
     /// Sends `signal` to the process's whole group on a client's request.
@@ -479,9 +607,11 @@ impl Process {
     /// Sends `signal` to the process's whole group (falling back to the process alone).
     /// A kill also stops the end from waiting for output to drain.
     fn kill(&self, signal: Signal) {
-        if matches!(signal, Signal::SIGKILL | Signal::SIGTERM) {
-            self.killed.store(true, Ordering::Release);
-            self.kill_notify.notify_one();
+        if matches!(signal, Signal::SIGKILL | Signal::SIGTERM)
+            && !self.killed.swap(true, Ordering::AcqRel)
+        {
+            let link = self.link.clone();
+            tokio::spawn(async move { link.killed().await });
         }
         let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
         if nix::sys::signal::killpg(pid, signal).is_err() {
@@ -494,41 +624,33 @@ impl Process {
     ///
     /// # Errors
     /// [`Error::FailedPrecondition`] for a PTY process or a closed or absent stdin;
-    /// [`Error::Io`] for a failed write.
+    /// [`Error::Io`] when the keeper is gone.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<()> {
-        let Input::Pipe(stdin) = &self.input else {
+        if self.pty {
             return Err(input_error(
                 "error writing to stdin: tty assigned to process — input should be written to the pty, not the stdin",
             ));
-        };
-        let mut stdin = stdin.lock().await;
-        let Some(pipe) = stdin.as_mut() else {
+        }
+        if !self.stdin_open.load(Ordering::Acquire) {
             return Err(input_error(
                 "error writing to stdin: stdin not enabled or closed",
             ));
-        };
-        pipe.write_all(data)
-            .await
-            .map_err(|err| Error::io("error writing to stdin", err))?;
-        pipe.flush()
-            .await
-            .map_err(|err| Error::io("error writing to stdin", err))
+        }
+        self.link.stdin(data).await
     }
 
     /// Writes to the terminal.
     ///
     /// # Errors
-    /// [`Error::FailedPrecondition`] for a non-PTY process; [`Error::Io`] for a failed write.
+    /// [`Error::FailedPrecondition`] for a non-PTY process; [`Error::Io`] when the keeper
+    /// is gone.
     pub async fn write_pty(&self, data: &[u8]) -> Result<()> {
-        let Input::Pty(master) = &self.input else {
+        if !self.pty {
             return Err(input_error(
                 "error writing to tty: tty not assigned to process — input should be written to the stdin, not the tty",
             ));
-        };
-        master
-            .write_all(data)
-            .await
-            .map_err(|err| Error::io("error writing to tty", err))
+        }
+        self.link.pty(data).await
     }
 
     /// Closes stdin so the process reads end of file. Idempotent.
@@ -536,35 +658,32 @@ impl Process {
     /// # Errors
     /// [`Error::FailedPrecondition`] for a PTY process.
     pub async fn close_stdin(&self) -> Result<()> {
-        match &self.input {
-            Input::Pipe(stdin) => {
-                stdin.lock().await.take();
-                Ok(())
-            }
-            Input::Pty(_) => Err(Error::FailedPrecondition(
+        if self.pty {
+            return Err(Error::FailedPrecondition(
                 "error closing stdin: cannot close stdin for PTY process — send Ctrl+D (0x04) instead".into(),
-            )),
+            ));
         }
+        if self.stdin_open.swap(false, Ordering::AcqRel) {
+            self.link.close_stdin().await?;
+        }
+        Ok(())
     }
 
     /// Resizes the terminal.
     ///
     /// # Errors
-    /// [`Error::FailedPrecondition`] for a non-PTY process; [`Error::Io`] for a failed ioctl.
-    pub fn resize(&self, cols: u16, rows: u16) -> Result<()> {
-        match &self.input {
-            Input::Pty(master) => master
-                .resize(cols, rows)
-                .map_err(|err| Error::io("error resizing tty", err)),
-            Input::Pipe(_) => Err(input_error(
+    /// [`Error::FailedPrecondition`] for a non-PTY process; [`Error::Io`] when the keeper
+    /// is gone.
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<()> {
+        if !self.pty {
+            return Err(input_error(
                 "error resizing tty: tty not assigned to process",
-            )),
+            ));
         }
+        self.link.resize(cols, rows).await
     }
 }
 
-/// Input sent the wrong way (stdin to a terminal, to a closed pipe, ...): the client can
-/// fix it, so it is a failed precondition rather than an internal error.
 impl Expire for Process {
     /// The deadline passed: SIGTERM to the group, SIGKILL after the grace unless it ended.
     fn expire(self: Arc<Self>) {
@@ -585,55 +704,16 @@ impl Expire for Process {
     }
 }
 
+/// Input sent the wrong way (stdin to a terminal, to a closed pipe, ...): the client can
+/// fix it, so it is a failed precondition rather than an internal error.
 fn input_error(message: &str) -> Error {
     Error::FailedPrecondition(message.to_owned())
 }
 
-async fn read_pipe(mut pipe: impl AsyncRead + Unpin, stream: Stream, source: mpsc::Sender<Chunk>) {
-    loop {
-        let mut buf = BytesMut::with_capacity(PIPE_CHUNK);
-        match pipe.read_buf(&mut buf).await {
-            Ok(0) => return,
-            Ok(_) => {
-                if source
-                    .send(Chunk {
-                        stream,
-                        data: buf.freeze(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(err) => {
-                tracing::debug!(%err, ?stream, "reading process output");
-                return;
-            }
-        }
-    }
-}
-
-async fn read_pty(master: Arc<Master>, source: mpsc::Sender<Chunk>) {
-    loop {
-        match master.read().await {
-            Ok(Some(data)) => {
-                if source
-                    .send(Chunk {
-                        stream: Stream::Pty,
-                        data,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(err) => {
-                tracing::debug!(%err, "reading terminal output");
-                return;
-            }
-        }
+/// Saves the table whenever it changes (coalescing bursts).
+async fn save_on_change(table: std::sync::Weak<ProcessTable>, mut changed: watch::Receiver<u64>) {
+    while changed.changed().await.is_ok() {
+        let Some(table) = table.upgrade() else { return };
+        table.save().await;
     }
 }

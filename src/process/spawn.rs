@@ -1,19 +1,14 @@
-//! Starting a child: its command line, environment, working directory, user, and stdio
-//! (pipes, `/dev/null` or a terminal). Every child leads its own session, so a signal can
-//! reach the whole group it starts.
+//! What a new process gets: its command line, environment, working directory, user and
+//! stdio, resolved by the daemon into the [`KeeperSpec`] its keeper starts it from. Every
+//! child leads its own session, so a signal can reach the whole group it starts.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::io;
 use std::path::PathBuf;
-use std::process::Stdio;
-
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
 use crate::error::{Error, Result};
 use crate::fs::user::User;
-use crate::process::pty::{self, Master};
-use crate::sys::{ChildSetup, configure_child};
+use crate::process::keeper::KeeperSpec;
 
 /// PATH given to children when the daemon has none (systemd's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -41,74 +36,24 @@ pub struct Spec {
     pub stdin: bool,
 }
 
-/// A started child and the daemon's ends of its stdio.
-pub struct Spawned {
-    /// The child, to wait for.
-    pub child: Child,
-    /// Its pid.
-    pub pid: u32,
-    /// Its stdio.
-    pub io: Io,
-}
-
-/// The daemon's ends of a child's stdio.
-pub enum Io {
-    /// Separate pipes (stdin absent when it is `/dev/null`).
-    Pipes {
-        /// Write end of stdin.
-        stdin: Option<ChildStdin>,
-        /// Read end of stdout.
-        stdout: ChildStdout,
-        /// Read end of stderr.
-        stderr: ChildStderr,
-    },
-    /// A terminal for all three.
-    Pty(Master),
-}
-
-/// Starts the process. A program that cannot be executed (missing, not executable) is
-/// started through `/bin/sh` instead, so the client sees the shell's message on stderr and
-/// exit status 127 or 126, as with envd.
+/// Resolves `spec` into what a keeper runs.
 ///
 /// # Errors
-/// [`Error::PermissionDenied`] when another user is asked for and the daemon is not
-/// root; [`Error::InvalidArgument`] when the process cannot be started.
-pub fn spawn(spec: &Spec) -> Result<Spawned> {
-    let setup = child_setup(spec)?;
-    match start(spec, &spec.cmd, &spec.args, setup.clone()) {
-        Err(err) if is_exec_failure(&err) => {
-            let mut args = vec![
-                "-c".to_owned(),
-                "exec \"$0\" \"$@\"".to_owned(),
-                spec.cmd.clone(),
-            ];
-            args.extend(spec.args.iter().cloned());
-            start(spec, "/bin/sh", &args, setup).map_err(|err| start_error(spec, &err))
-        }
-        other => other.map_err(|err| start_error(spec, &err)),
-    }
+/// [`Error::PermissionDenied`] when another user is asked for and the daemon is not root.
+pub fn keeper_spec(spec: &Spec) -> Result<KeeperSpec> {
+    Ok(KeeperSpec {
+        program: spec.cmd.clone(),
+        args: spec.args.clone(),
+        env: environment(spec),
+        cwd: spec.cwd.clone(),
+        credentials: credentials(spec)?,
+        pty: spec.pty,
+        stdin: spec.stdin,
+        oom_score_adj: Some(CHILD_OOM_SCORE_ADJ),
+    })
 }
 
-fn is_exec_failure(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR)
-    )
-}
-
-fn start_error(spec: &Spec, err: &io::Error) -> Error {
-    let line = std::iter::once(spec.cmd.as_str())
-        .chain(spec.args.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(" ");
-    if spec.pty.is_some() {
-        Error::InvalidArgument(format!("error starting pty with command '{line}': {err}"))
-    } else {
-        Error::InvalidArgument(format!("error starting process '{line}': {err}"))
-    }
-}
-
-fn child_setup(spec: &Spec) -> Result<ChildSetup> {
+fn credentials(spec: &Spec) -> Result<Option<(u32, u32, Vec<u32>)>> {
     let daemon_uid = nix::unistd::geteuid();
     let credentials = if daemon_uid.is_root() {
         let name = CString::new(spec.user.name.clone())
@@ -134,11 +79,7 @@ fn child_setup(spec: &Spec) -> Result<ChildSetup> {
             daemon_uid.as_raw()
         )));
     };
-    Ok(ChildSetup {
-        credentials,
-        controlling_tty: spec.pty.is_some(),
-        oom_score_adj: Some(CHILD_OOM_SCORE_ADJ),
-    })
+    Ok(credentials)
 }
 
 /// The environment, later sources winning: PATH, HOME, USER, LOGNAME, SHELL, the daemon's
@@ -165,57 +106,4 @@ fn environment(spec: &Spec) -> BTreeMap<String, String> {
     env.extend(spec.base_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(spec.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
-}
-
-fn start(spec: &Spec, program: &str, args: &[String], setup: ChildSetup) -> io::Result<Spawned> {
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .envs(environment(spec))
-        .current_dir(&spec.cwd)
-        .kill_on_drop(false);
-    let pair = match spec.pty {
-        Some((cols, rows)) => {
-            let pair = pty::open(cols, rows)?;
-            command
-                .stdin(Stdio::from(pair.slave.try_clone()?))
-                .stdout(Stdio::from(pair.slave.try_clone()?))
-                .stderr(Stdio::from(pair.slave.try_clone()?));
-            Some(pair)
-        }
-        None => {
-            command
-                .stdin(if spec.stdin {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            None
-        }
-    };
-    configure_child(&mut command, setup);
-    let mut child = command.spawn()?;
-    let pid = child
-        .id()
-        .ok_or_else(|| io::Error::other("the child exited before its pid was read"))?;
-    let io = match pair {
-        // The slave copies in `command` and `pair` are dropped here, so the terminal reports
-        // its end once the child (and its descendants) close theirs.
-        Some(pair) => Io::Pty(pair.master),
-        None => Io::Pipes {
-            stdin: child.stdin.take(),
-            stdout: child
-                .stdout
-                .take()
-                .ok_or_else(|| io::Error::other("stdout pipe missing"))?,
-            stderr: child
-                .stderr
-                .take()
-                .ok_or_else(|| io::Error::other("stderr pipe missing"))?,
-        },
-    };
-    Ok(Spawned { child, pid, io })
 }

@@ -99,6 +99,8 @@ impl Processes for ProcessesExt {
             Ok(ms) => Some(Duration::from_millis(ms)),
         };
         let deadline = self.table.set_timeout(&selector, timeout)?;
+        // The new deadline survives a restart before it is acknowledged.
+        self.table.save().await;
         Ok(Response::new(pb::SetTimeoutResponse {
             end_at: deadline.map(|d| timestamp(d.end_at)),
         }))

@@ -80,7 +80,7 @@ impl Rpc {
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let table = crate::process::registry::ProcessTable::new(state.config.kill_grace);
+        let table = state.processes.clone();
         let routes = tonic::service::Routes::new(FilesystemServer::new(
             filesystem::FilesystemService::new(state.clone()),
         ))

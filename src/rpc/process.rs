@@ -215,8 +215,7 @@ impl ProcessRpc for ProcessService {
             pty: size,
             stdin: stdin.unwrap_or(true),
         };
-        let table = self.table.clone();
-        let (process, subscription) = crate::rpc::blocking(move || {
+        let spec = crate::rpc::blocking(move || {
             if !spec.cwd.exists() {
                 return Err(Error::InvalidArgument(format!(
                     "cwd '{}' does not exist",
@@ -225,8 +224,8 @@ impl ProcessRpc for ProcessService {
             }
             Ok(spec)
         })
-        .await
-        .and_then(|spec| table.start(&spec, config, tag, deadline))?;
+        .await?;
+        let (process, subscription) = self.table.start(&spec, config, tag, deadline).await?;
         let wrap = |event| pb::StartResponse { event: Some(event) };
         Ok(event_stream(process.pid, Ok(subscription), keepalive, wrap))
     }
@@ -239,7 +238,9 @@ impl ProcessRpc for ProcessService {
         let process = self.table.live(&selector(process)?)?;
         if let Some(pty) = pty {
             let size = pty.size.unwrap_or_default();
-            process.resize(clamp_u16(size.cols), clamp_u16(size.rows))?;
+            process
+                .resize(clamp_u16(size.cols), clamp_u16(size.rows))
+                .await?;
         }
         Ok(Response::new(pb::UpdateResponse {}))
     }

@@ -18,6 +18,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The daemon's own state directory, unless the test chose one.
+    state: Option<tempfile::TempDir>,
 }
 
 impl Daemon {
@@ -26,11 +28,17 @@ impl Daemon {
         Daemon::start_with(&[], &[])
     }
 
-    /// Starts the daemon with extra arguments and environment.
+    /// Starts the daemon with extra arguments and environment. Unless `args` name a
+    /// `--state-dir`, the daemon gets a fresh one of its own (daemons must not share one).
     pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        let state =
+            (!args.contains(&"--state-dir")).then(|| tempfile::tempdir().expect("state dir"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_envd"));
+        command.args(["--addr", "127.0.0.1", "--port", "0"]);
+        if let Some(state) = &state {
+            command.arg("--state-dir").arg(state.path());
+        }
         command
-            .args(["--addr", "127.0.0.1", "--port", "0"])
             .args(args)
             .env("ENVD_LOG", "warn")
             .stdin(Stdio::null())
@@ -57,6 +65,7 @@ impl Daemon {
             child: Some(child),
             addr,
             base: format!("http://{addr}"),
+            state,
         }
     }
 
@@ -95,6 +104,36 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Keepers outlive the daemon by design; a test's must not outlive the test. Their
+        // processes die with them.
+        if let Some(state) = &self.state {
+            kill_keepers(state.path());
+        }
+    }
+}
+
+/// Kills the process keepers whose sockets live under `state_dir`.
+pub fn kill_keepers(state_dir: &Path) {
+    let needle = state_dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("__keeper") && cmdline.contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -325,6 +364,8 @@ impl Daemon {
     /// Starts the daemon as `uid:gid` with no supplementary groups and no capabilities, via
     /// `setpriv` (util-linux), with `args`.
     pub fn start_as(uid: u32, gid: u32, args: &[&str]) -> Daemon {
+        let state = tempfile::tempdir().expect("state dir");
+        std::os::unix::fs::chown(state.path(), Some(uid), Some(gid)).expect("chown state dir");
         let mut command = Command::new("setpriv");
         command
             .arg(format!("--reuid={uid}"))
@@ -334,13 +375,17 @@ impl Daemon {
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_envd"))
             .args(["--addr", "127.0.0.1", "--port", "0"])
+            .arg("--state-dir")
+            .arg(state.path())
             .args(args)
             .env("ENVD_LOG", "warn")
             .env_remove("ENVD_DEFAULT_USER")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        Daemon::spawned(command)
+        let mut daemon = Daemon::spawned(command);
+        daemon.state = Some(state);
+        daemon
     }
 
     fn spawned(mut command: Command) -> Daemon {
@@ -362,6 +407,7 @@ impl Daemon {
             child: Some(child),
             addr,
             base: format!("http://{addr}"),
+            state: None,
         }
     }
 

@@ -34,6 +34,23 @@ SHUTDOWN_TIMEOUT_S = 30
 HOME = "/root"
 
 
+def kill_keepers(state_dir: Path) -> None:
+    """Kill the daemon's process keepers (their processes die with them)."""
+    needle = str(state_dir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "__keeper" in cmdline and needle in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _read_ready_line(proc: subprocess.Popen, timeout: float) -> str:
     """Block until the daemon prints its first stdout line (or the timeout)."""
     lines: "queue.Queue[str]" = queue.Queue(maxsize=1)
@@ -58,10 +75,12 @@ def envd_url(tmp_path_factory):
             "or set ENVD_BIN"
         )
 
-    log_path = tmp_path_factory.mktemp("envd") / "envd.stderr.log"
+    scratch = tmp_path_factory.mktemp("envd")
+    log_path = scratch / "envd.stderr.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [str(binary), "--port", "0"],
+        # Its own state directory: daemons must not share one.
+        [str(binary), "--port", "0", "--state-dir", str(scratch / "state")],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=log,
@@ -101,6 +120,8 @@ def envd_url(tmp_path_factory):
     proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        # Process keepers outlive the daemon by design; the session's must not outlive it.
+        kill_keepers(scratch / "state")
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -25,7 +25,7 @@ from packaging.version import Version
 
 from e2b import AuthenticationException, ConnectionConfig, Sandbox
 
-from conftest import DEFAULT_ENVD_BIN, READY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, _read_ready_line
+from conftest import kill_keepers, DEFAULT_ENVD_BIN, READY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, _read_ready_line
 
 TOKEN = f"e2e-token-{uuid.uuid4().hex}"
 # Every feature gate open, and no implicit "user" username (that is for envd < 0.4.0).
@@ -64,6 +64,8 @@ def secured_url(tmp_path_factory):
             "--set-clock", "false",
             "--ca-bundle-file", str(scratch / "ca-certificates.crt"),
             "--ca-cert-file", str(scratch / "e2b-ca.crt"),
+            # Its own state: daemons must not share a state directory.
+            "--state-dir", str(scratch / "state"),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -87,6 +89,7 @@ def secured_url(tmp_path_factory):
     yield base_url
 
     proc.send_signal(signal.SIGTERM)
+    kill_keepers(scratch / "state")
     try:
         code = proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
     finally:

@@ -439,7 +439,7 @@ async fn run(
                 }
             }
         }
-                // A subdirectory's own events (DELETE_SELF, MOVE_SELF, ATTRIB) repeat what its
+        // A subdirectory's own events (DELETE_SELF, MOVE_SELF, ATTRIB) repeat what its
         // parent reported under its name (DELETE, MOVED_FROM, ATTRIB): report those once.
         // A subdirectory still named as moved away by the time of its MOVE_SELF left the
         // tree: stop watching it.
@@ -462,7 +462,7 @@ async fn run(
         if synthesized.len() + found.len() > MAX_PENDING_MOVES * 4 {
             synthesized.clear();
         }
-                // Uploads in progress inside a directory just walked are not entries yet.
+        // Uploads in progress inside a directory just walked are not entries yet.
         found.retain(|path| !path.file_name().is_some_and(is_upload_temp));
         synthesized.extend(found.iter().cloned());
         batch.extend(found.into_iter().map(|path| (path, EventKind::Create)));

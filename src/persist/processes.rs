@@ -1,0 +1,32 @@
+//! The managed processes a restarted daemon re-adopts: for each, what identifies it (pid
+//! and start time, so a reused pid is never adopted), where its keeper listens, and what
+//! `List` and deadlines need.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::registry::Config;
+
+/// The state file's name in the state directory.
+pub const FILE: &str = "processes.json";
+
+/// One managed process, as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+    /// Its tag.
+    pub tag: Option<String>,
+    /// What was asked for.
+    pub config: Config,
+    /// Its keeper's socket.
+    pub socket: PathBuf,
+    /// Whether its stdin pipe is open.
+    pub stdin: bool,
+    /// Its deadline, if any.
+    pub end_at: Option<SystemTime>,
+}

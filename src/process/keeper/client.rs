@@ -1,0 +1,240 @@
+//! The daemon's side of a keeper: launching one for a new process, connecting to one that
+//! survived a daemon restart, and the link that carries output in and input out.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::process::keeper::{Hello, KEEPER_ARG, KeeperSpec, to_daemon, to_keeper};
+use crate::process::output::{Chunk, Stream};
+use crate::rpc::envelope::{Decoder, encode};
+
+/// How long connecting to a keeper's socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest frame a keeper may send.
+const MAX_FRAME: usize = 1024 * 1024;
+
+/// The daemon's end of one keeper connection: send input; output and the exit arrive
+/// through the channels given to [`Link::spawn_reader`].
+pub struct Link {
+    /// What the keeper said on connecting.
+    pub hello: Hello,
+    writer: Mutex<OwnedWriteHalf>,
+    /// The read half and its decoder (which may already hold bytes read after the hello).
+    reader: std::sync::Mutex<Option<(OwnedReadHalf, Decoder)>>,
+}
+
+/// Starts a keeper for `spec` with its socket at `socket`, and connects to it.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when the process cannot be started (the keeper says why),
+/// [`Error::Io`] when the keeper itself cannot be run or reached.
+pub async fn launch(spec: &KeeperSpec, socket: &Path) -> Result<Link> {
+    let mut keeper = tokio::process::Command::new("/proc/self/exe")
+        .arg(KEEPER_ARG)
+        .arg(socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        // Its own process group: signals meant for the daemon's group do not reach it.
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|err| Error::io("error starting a process keeper", err))?;
+    let json = serde_json::to_vec(spec)
+        .map_err(|err| Error::Internal(format!("encoding a keeper spec: {err}")))?;
+    let mut stdin = keeper
+        .stdin
+        .take()
+        .ok_or_else(|| Error::Internal("keeper stdin missing".into()))?;
+    stdin
+        .write_all(&json)
+        .await
+        .map_err(|err| Error::io("error talking to a process keeper", err))?;
+    drop(stdin);
+    let stdout = keeper
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Internal("keeper stdout missing".into()))?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .map_err(|err| Error::io("error talking to a process keeper", err))?;
+    // The keeper is the daemon's child until the daemon goes: reap it when it exits.
+    tokio::spawn(async move {
+        let _ = keeper.wait().await;
+    });
+    let reply: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|_| Error::Internal(format!("a process keeper answered {line:?}")))?;
+    if let Some(error) = reply.get("error").and_then(serde_json::Value::as_str) {
+        return Err(Error::InvalidArgument(format!(
+            "error starting process: {error}"
+        )));
+    }
+    connect(socket).await
+}
+
+/// Connects to a running keeper and reads its hello.
+///
+/// # Errors
+/// [`Error::Io`] when the socket does not answer like a keeper.
+pub async fn connect(socket: &Path) -> Result<Link> {
+    let fail = |err: std::io::Error| {
+        Error::io(
+            format!("error reaching the keeper at {}", socket.display()),
+            err,
+        )
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(socket))
+        .await
+        .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(fail)?;
+    let (mut reader, writer) = stream.into_split();
+    let mut decoder = Decoder::new(MAX_FRAME);
+    let (kind, payload) =
+        tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut reader, &mut decoder))
+            .await
+            .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(fail)?
+            .ok_or_else(|| fail(std::io::ErrorKind::UnexpectedEof.into()))?;
+    if kind != to_daemon::HELLO {
+        return Err(fail(std::io::Error::other("no hello")));
+    }
+    let hello: Hello =
+        serde_json::from_slice(&payload).map_err(|err| fail(std::io::Error::other(err)))?;
+    Ok(Link {
+        hello,
+        writer: Mutex::new(writer),
+        reader: std::sync::Mutex::new(Some((reader, decoder))),
+    })
+}
+
+/// Reads one whole frame (`None` at end of stream).
+async fn read_frame(
+    reader: &mut OwnedReadHalf,
+    decoder: &mut Decoder,
+) -> std::io::Result<Option<(u8, Bytes)>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(frame) = decoder.next_frame().map_err(std::io::Error::other)? {
+            return Ok(Some(frame));
+        }
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+impl Link {
+    /// Forwards output into `source` until the keeper reports the exit, then sends it on
+    /// `exit`. A keeper that vanishes first reports a lost process.
+    pub fn spawn_reader(&self, source: mpsc::Sender<Chunk>, exit: oneshot::Sender<ExitStatus>) {
+        let Some((mut reader, mut decoder)) = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                let frame = match read_frame(&mut reader, &mut decoder).await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) | Err(_) => {
+                        tracing::warn!("a process keeper went away before reporting its exit");
+                        let _ = exit.send(ExitStatus::from_raw(libc::SIGKILL));
+                        return;
+                    }
+                };
+                let stream = match frame.0 {
+                    to_daemon::STDOUT => Stream::Stdout,
+                    to_daemon::STDERR => Stream::Stderr,
+                    to_daemon::PTY => Stream::Pty,
+                    to_daemon::EXIT if frame.1.len() == 4 => {
+                        let raw =
+                            i32::from_be_bytes([frame.1[0], frame.1[1], frame.1[2], frame.1[3]]);
+                        let _ = exit.send(ExitStatus::from_raw(raw));
+                        return;
+                    }
+                    _ => continue,
+                };
+                if source
+                    .send(Chunk {
+                        stream,
+                        data: frame.1,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn send(&self, kind: u8, data: &[u8]) -> Result<()> {
+        self.writer
+            .lock()
+            .await
+            .write_all(&encode(kind, data))
+            .await
+            .map_err(|err| Error::io("error talking to the process keeper", err))
+    }
+
+    /// Input for stdin.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the keeper is gone.
+    pub async fn stdin(&self, data: &[u8]) -> Result<()> {
+        self.send(to_keeper::STDIN, data).await
+    }
+
+    /// Input for the terminal.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the keeper is gone.
+    pub async fn pty(&self, data: &[u8]) -> Result<()> {
+        self.send(to_keeper::PTY_IN, data).await
+    }
+
+    /// Closes stdin.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the keeper is gone.
+    pub async fn close_stdin(&self) -> Result<()> {
+        self.send(to_keeper::CLOSE_STDIN, &[]).await
+    }
+
+    /// Resizes the terminal.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the keeper is gone.
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<()> {
+        let mut size = [0u8; 4];
+        size[..2].copy_from_slice(&cols.to_be_bytes());
+        size[2..].copy_from_slice(&rows.to_be_bytes());
+        self.send(to_keeper::RESIZE, &size).await
+    }
+
+    /// Tells the keeper the process was killed (its end does not wait for output).
+    pub async fn killed(&self) {
+        let _ = self.send(to_keeper::KILLED, &[]).await;
+    }
+
+    /// Lets the keeper go: the daemon has the exit.
+    pub async fn release(&self) {
+        let _ = self.send(to_keeper::RELEASE, &[]).await;
+    }
+}

@@ -1,0 +1,362 @@
+//! Surviving a restart: `kill -9` of the daemon, then a new daemon on the same state
+//! directory finds the processes its predecessor started (through their keepers), the
+//! `/init` state, and talks systemd's notify protocol.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Daemon, grpc_channel, http, kill_keepers};
+use envd::proto::process::{
+    self as pb, process_client::ProcessClient, process_event::Event, process_selector::Selector,
+};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+/// A state directory the test owns, and cleans up (keepers included).
+struct State(tempfile::TempDir);
+
+impl State {
+    fn new() -> State {
+        State(tempfile::tempdir().expect("state dir"))
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn start(&self) -> Daemon {
+        Daemon::start_with(&["--state-dir", self.path().to_str().expect("utf-8")], &[])
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        kill_keepers(self.path());
+    }
+}
+
+fn bash(script: &str, tag: Option<&str>) -> pb::StartRequest {
+    pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        }),
+        tag: tag.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+fn by_pid(pid: u32) -> Option<pb::ProcessSelector> {
+    Some(pb::ProcessSelector {
+        selector: Some(Selector::Pid(pid)),
+    })
+}
+
+/// Starts a process and reads events until its stdout has shown `line`; returns the pid.
+async fn start_and_see(daemon: &Daemon, request: pb::StartRequest, line: &str) -> u32 {
+    let mut client = ProcessClient::new(grpc_channel(daemon).await);
+    let mut stream = client.start(request).await.expect("start").into_inner();
+    let mut pid = 0;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(line) {
+        let message = stream.message().await.expect("event").expect("open");
+        match message.event.and_then(|e| e.event) {
+            Some(Event::Start(start)) => pid = start.pid,
+            Some(Event::Data(pb::process_event::DataEvent {
+                output: Some(pb::process_event::data_event::Output::Stdout(bytes)),
+            })) => seen.extend(bytes),
+            _ => {}
+        }
+    }
+    pid
+}
+
+/// Collects a Connect stream: (stdout, exit code of the end event).
+async fn follow(daemon: &Daemon, pid: u32) -> (String, i32) {
+    let mut client = ProcessClient::new(grpc_channel(daemon).await);
+    let mut stream = client
+        .connect(pb::ConnectRequest {
+            process: by_pid(pid),
+        })
+        .await
+        .expect("connect")
+        .into_inner();
+    let mut stdout = Vec::new();
+    loop {
+        let message = stream
+            .message()
+            .await
+            .expect("event")
+            .expect("an end before the stream closes");
+        match message.event.and_then(|e| e.event) {
+            Some(Event::Data(pb::process_event::DataEvent {
+                output: Some(pb::process_event::data_event::Output::Stdout(bytes)),
+            })) => stdout.extend(bytes),
+            Some(Event::End(end)) => {
+                return (String::from_utf8_lossy(&stdout).into_owned(), end.exit_code);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[tokio::test]
+async fn processes_survive_kill_9_and_stay_manageable() {
+    let state = State::new();
+    let first = state.start();
+    let pid = start_and_see(
+        &first,
+        bash("echo one; read x; echo got $x; exit 7", Some("survivor")),
+        "one",
+    )
+    .await;
+    let other = start_and_see(
+        &first,
+        bash("echo ready; exec sleep 1000", Some("sleeper")),
+        "ready",
+    )
+    .await;
+    first.signal_and_wait(Signal::SIGKILL);
+    assert!(alive(pid) && alive(other), "processes outlive the daemon");
+
+    let second = state.start();
+    let mut client = ProcessClient::new(grpc_channel(&second).await);
+    let listed = client
+        .list(pb::ListRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let survivor = listed
+        .processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("listed after the restart");
+    assert_eq!(survivor.tag.as_deref(), Some("survivor"));
+    assert_eq!(
+        survivor.config.as_ref().expect("config").args[1],
+        "echo one; read x; echo got $x; exit 7"
+    );
+
+    // Connect re-attaches (subscribed once its start event arrives); input reaches the
+    // process; the output after the attach and the right exit code follow.
+    let mut attached = client
+        .connect(pb::ConnectRequest {
+            process: by_pid(pid),
+        })
+        .await
+        .expect("connect")
+        .into_inner();
+    let first_event = attached.message().await.expect("event").expect("open");
+    assert!(matches!(
+        first_event.event.and_then(|e| e.event),
+        Some(Event::Start(_))
+    ));
+    client
+        .send_input(pb::SendInputRequest {
+            process: by_pid(pid),
+            input: Some(pb::ProcessInput {
+                input: Some(pb::process_input::Input::Stdin(b"back\n".to_vec())),
+            }),
+        })
+        .await
+        .expect("input after the restart");
+    let mut stdout = Vec::new();
+    let code = loop {
+        let message = attached
+            .message()
+            .await
+            .expect("event")
+            .expect("an end before the stream closes");
+        match message.event.and_then(|e| e.event) {
+            Some(Event::Data(pb::process_event::DataEvent {
+                output: Some(pb::process_event::data_event::Output::Stdout(bytes)),
+            })) => stdout.extend(bytes),
+            Some(Event::End(end)) => break end.exit_code,
+            _ => {}
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&stdout), "got back\n");
+    assert_eq!(code, 7);
+
+    // Signals work on adopted processes.
+    client
+        .send_signal(pb::SendSignalRequest {
+            process: by_pid(other),
+            signal: pb::Signal::Sigkill as i32,
+        })
+        .await
+        .expect("kill after the restart");
+    let (_, code) = follow(&second, other).await;
+    assert_eq!(code, -1);
+}
+
+#[tokio::test]
+async fn an_exit_while_the_daemon_was_down_is_reported() {
+    let state = State::new();
+    let trigger = state.path().join("trigger");
+    let first = state.start();
+    let script = format!(
+        "echo waiting; while [ ! -e {} ]; do sleep 0.02; done; echo bye; exit 5",
+        trigger.display()
+    );
+    let pid = start_and_see(&first, bash(&script, None), "waiting").await;
+    first.signal_and_wait(Signal::SIGKILL);
+    std::fs::write(&trigger, b"").expect("trigger");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not end"
+        );
+        tokio::task::yield_now().await;
+    }
+    let second = state.start();
+    let (stdout, code) = follow(&second, pid).await;
+    assert_eq!(
+        code, 5,
+        "the exit code of a process that ended while the daemon was down"
+    );
+    assert_eq!(stdout, "", "output from before the attach is not replayed");
+}
+
+#[tokio::test]
+async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
+    let state = State::new();
+    let first = state.start();
+    let pid = start_and_see(&first, bash("echo up; exec sleep 1000", None), "up").await;
+    first.signal_and_wait(Signal::SIGKILL);
+    // Pretend the pid now belongs to another process: same pid, another start time.
+    let table_path = state.path().join("processes.json");
+    let mut table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&table_path).expect("table")).expect("json");
+    let entry = table["data"]
+        .as_array_mut()
+        .expect("entries")
+        .iter_mut()
+        .find(|e| e["pid"] == pid)
+        .expect("saved");
+    entry["start_time"] = json!(entry["start_time"].as_u64().expect("start time") + 1);
+    std::fs::write(&table_path, serde_json::to_vec(&table).expect("json")).expect("write");
+    let second = state.start();
+    let mut client = ProcessClient::new(grpc_channel(&second).await);
+    let listed = client
+        .list(pb::ListRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        listed.processes.iter().all(|p| p.pid != pid),
+        "a process whose start time differs is not adopted"
+    );
+    second.signal_and_wait(Signal::SIGKILL);
+
+    for name in ["processes.json", "init.json"] {
+        std::fs::write(state.path().join(name), b"{ this is not json").expect("corrupt");
+    }
+    let third = state.start();
+    let response = http()
+        .get(third.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(
+        response.status(),
+        204,
+        "a corrupt state file never stops the daemon"
+    );
+    for name in ["processes.bad", "init.bad"] {
+        assert!(state.path().join(name).exists(), "{name} kept aside");
+    }
+}
+
+#[tokio::test]
+async fn the_token_and_environment_survive_a_restart() {
+    let state = State::new();
+    let ca = tempfile::tempdir().expect("ca");
+    let args = common::init_args(ca.path());
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let state_arg = state.path().to_str().expect("utf-8").to_owned();
+    args.extend(["--state-dir", state_arg.as_str()]);
+    let first = Daemon::start_with(&args, &[]);
+    first
+        .init_ok(json!({"accessToken": "restart-token", "envVars": {"KEPT": "yes"}, "timestamp": "2026-01-01T00:00:00Z"}))
+        .await;
+    first.signal_and_wait(Signal::SIGKILL);
+    let second = Daemon::start_with(&args, &[]);
+    let refused = http().get(second.url("/envs")).send().await.expect("envs");
+    assert_eq!(
+        refused.status(),
+        401,
+        "the token is enforced from the first request"
+    );
+    let envs: serde_json::Value = http()
+        .get(second.url("/envs"))
+        .header("x-access-token", "restart-token")
+        .send()
+        .await
+        .expect("envs")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(envs["KEPT"], "yes");
+    // An older /init changes nothing after the restart either.
+    let stale = second
+        .init(json!({"accessToken": "restart-token", "envVars": {}, "timestamp": "2025-01-01T00:00:00Z"}))
+        .await;
+    assert_eq!(stale.status(), 204);
+    let envs: serde_json::Value = http()
+        .get(second.url("/envs"))
+        .header("x-access-token", "restart-token")
+        .send()
+        .await
+        .expect("envs")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(envs["KEPT"], "yes");
+}
+
+#[test]
+fn readiness_and_watchdog_over_the_notify_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket_path: PathBuf = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let notify = socket_path.to_str().expect("utf-8").to_owned();
+    let daemon = Daemon::start_with(
+        &[],
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = socket
+            .recv(&mut buf)
+            .expect("a notify message within the deadline");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        seen.first().expect("first").contains("READY=1"),
+        "ready comes first: {seen:?}"
+    );
+    let status = daemon.signal_and_wait(Signal::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 on shutdown");
+}
