@@ -25,6 +25,9 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_PROCESS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Whether `/init` may set the system clock: yes, a resumed sandbox's clock is stale.
 pub const DEFAULT_SET_CLOCK: bool = true;
+/// The record of applied patches: on the guest's own disk, so snapshots carry it, in the
+/// conventional place for a daemon's state.
+pub const DEFAULT_PATCH_RECORD_FILE: &str = "/var/lib/envd/patches.json";
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -65,9 +68,13 @@ pub struct Cli {
     /// Milliseconds between a deadline's SIGTERM and SIGKILL.
     #[arg(long, env = "ENVD_KILL_GRACE_MS", default_value_t = u64::try_from(DEFAULT_KILL_GRACE.as_millis()).unwrap_or(u64::MAX))]
     pub kill_grace_ms: u64,
-    /// Longest process deadline `SetTimeout` accepts, in seconds.
+    /// Longest process deadline `SetTimeout` accepts (and longest patch timeout), in seconds.
     #[arg(long, env = "ENVD_MAX_PROCESS_TIMEOUT_SECS", default_value_t = DEFAULT_MAX_PROCESS_TIMEOUT.as_secs())]
     pub max_process_timeout_secs: u64,
+    /// The record of applied patches (`/patches`); created with its directory on the first
+    /// patch.
+    #[arg(long, env = "ENVD_PATCH_RECORD_FILE", default_value = DEFAULT_PATCH_RECORD_FILE)]
+    pub patch_record_file: PathBuf,
 }
 
 /// Validated configuration.
@@ -91,6 +98,8 @@ pub struct Config {
     pub set_clock: bool,
     /// Where `/init` installs a CA certificate.
     pub ca: crate::host::ca::CaStore,
+    /// The record of applied patches.
+    pub patch_record_file: PathBuf,
 }
 
 impl Config {
@@ -99,6 +108,9 @@ impl Config {
     /// # Errors
     /// A message for the operator when a value is unusable.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
+        if cli.patch_record_file.as_os_str().is_empty() {
+            return Err("--patch-record-file must not be empty".into());
+        }
         let default_user = match cli.default_user {
             Some(user) if user.is_empty() => {
                 return Err("--default-user must not be empty".into());
@@ -119,6 +131,7 @@ impl Config {
             watcher_idle_timeout: Duration::from_secs(cli.watcher_idle_timeout_secs),
             kill_grace: Duration::from_millis(cli.kill_grace_ms),
             max_process_timeout: Duration::from_secs(cli.max_process_timeout_secs),
+            patch_record_file: cli.patch_record_file,
         })
     }
 
@@ -138,6 +151,7 @@ impl Config {
                 bundle: crate::host::ca::DEFAULT_BUNDLE_FILE.into(),
                 cert: crate::host::ca::DEFAULT_CERT_FILE.into(),
             },
+            patch_record_file: DEFAULT_PATCH_RECORD_FILE.into(),
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::env::EnvStore;
 use crate::host::metrics::CpuSampler;
 use crate::identity::Identity;
 use crate::init::{InitPolicy, Initializer};
+use crate::patch::Patcher;
 
 /// Everything a handler may need, cheap to clone.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct AppState {
     pub init: Arc<Initializer>,
     /// The previous CPU reading, so `/metrics` reports usage since the last call.
     pub cpu: Arc<CpuSampler>,
+    /// Where applied patches are recorded, and the lock that runs one attempt at a time.
+    pub patches: Arc<Patcher>,
 }
 
 impl AppState {
@@ -45,6 +48,11 @@ impl AppState {
                 Arc::new(NoHostTokenHash),
             )),
             cpu: Arc::new(CpuSampler::default()),
+            patches: Arc::new(Patcher::new(
+                config.patch_record_file.clone(),
+                config.kill_grace,
+                config.max_process_timeout,
+            )),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }
