@@ -301,6 +301,7 @@ async fn start_unrelated_process(daemon: &Daemon) -> u32 {
             process: Some(pb::ProcessConfig {
                 cmd: "/bin/sleep".into(),
                 args: vec!["1000".into()],
+                cwd: Some("/".into()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -714,9 +715,11 @@ async fn scripts_run_with_their_shebang_in_the_users_home_with_the_process_envir
         .expect("passwd")
         .expect("an entry");
     let home = me.dir.to_str().expect("utf-8");
+    // A user without a home directory (`nobody`) runs in `/`.
+    let cwd = if me.dir.is_dir() { home } else { "/" };
     assert_eq!(
         std::fs::read_to_string(&out).expect("env"),
-        format!("{home}\n{}\n{home}\nyes\n1\nstdin-is-empty\n", me.name)
+        format!("{home}\n{}\n{cwd}\nyes\n1\nstdin-is-empty\n", me.name)
     );
     assert_eq!(std::fs::read_to_string(&awk_out).expect("awk"), "awk ran\n");
     let leftovers: Vec<_> = std::fs::read_dir(&tmp)
