@@ -147,8 +147,11 @@ pub async fn run(job: &Job) -> Result<Finished> {
     )
     .await;
     finished.duration = started.elapsed();
-    // The script file lives until the process ends: bash reads scripts as it runs them.
-    drop(script);
+    // The script file lives until the process ends (bash reads scripts as it runs them),
+    // and is unlinked off the runtime's workers.
+    if let Err(err) = tokio::task::spawn_blocking(move || drop(script)).await {
+        tracing::warn!(%err, "removing a patch script");
+    }
     Ok(finished)
 }
 
