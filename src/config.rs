@@ -28,6 +28,9 @@ pub const DEFAULT_MAX_PROCESS_TIMEOUT: Duration = Duration::from_secs(24 * 3600)
 pub const DEFAULT_STATE_DIR: &str = "/run/envd";
 /// Whether `/init` may set the system clock: yes, a resumed sandbox's clock is stale.
 pub const DEFAULT_SET_CLOCK: bool = true;
+/// The record of applied patches: on the guest's own disk, so snapshots carry it, in the
+/// conventional place for a daemon's state.
+pub const DEFAULT_PATCH_RECORD_FILE: &str = "/var/lib/envd/patches.json";
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -72,9 +75,13 @@ pub struct Cli {
     /// Milliseconds between a deadline's SIGTERM and SIGKILL.
     #[arg(long, env = "ENVD_KILL_GRACE_MS", default_value_t = u64::try_from(DEFAULT_KILL_GRACE.as_millis()).unwrap_or(u64::MAX))]
     pub kill_grace_ms: u64,
-    /// Longest process deadline `SetTimeout` accepts, in seconds.
+    /// Longest process deadline `SetTimeout` accepts (and longest patch timeout), in seconds.
     #[arg(long, env = "ENVD_MAX_PROCESS_TIMEOUT_SECS", default_value_t = DEFAULT_MAX_PROCESS_TIMEOUT.as_secs())]
     pub max_process_timeout_secs: u64,
+    /// The record of applied patches (`/patches`); created with its directory on the first
+    /// patch.
+    #[arg(long, env = "ENVD_PATCH_RECORD_FILE", default_value = DEFAULT_PATCH_RECORD_FILE)]
+    pub patch_record_file: PathBuf,
 }
 
 /// Validated configuration.
@@ -100,6 +107,8 @@ pub struct Config {
     pub set_clock: bool,
     /// Where `/init` installs a CA certificate.
     pub ca: crate::host::ca::CaStore,
+    /// The record of applied patches.
+    pub patch_record_file: PathBuf,
 }
 
 impl Config {
@@ -108,6 +117,9 @@ impl Config {
     /// # Errors
     /// A message for the operator when a value is unusable.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
+        if cli.patch_record_file.as_os_str().is_empty() {
+            return Err("--patch-record-file must not be empty".into());
+        }
         let default_user = match cli.default_user {
             Some(user) if user.is_empty() => {
                 return Err("--default-user must not be empty".into());
@@ -129,6 +141,7 @@ impl Config {
             watcher_idle_timeout: Duration::from_secs(cli.watcher_idle_timeout_secs),
             kill_grace: Duration::from_millis(cli.kill_grace_ms),
             max_process_timeout: Duration::from_secs(cli.max_process_timeout_secs),
+            patch_record_file: cli.patch_record_file,
         })
     }
 
@@ -149,6 +162,7 @@ impl Config {
                 bundle: crate::host::ca::DEFAULT_BUNDLE_FILE.into(),
                 cert: crate::host::ca::DEFAULT_CERT_FILE.into(),
             },
+            patch_record_file: DEFAULT_PATCH_RECORD_FILE.into(),
         }
     }
 }

@@ -24,6 +24,15 @@ pub enum Error {
     /// The system is not in a state where the request can succeed (e.g. a symlink cycle).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request contradicts what the daemon has recorded, e.g. a patch sequence that was
+    /// applied with another script. Retrying the same request can never succeed; the
+    /// caller must change it.
+    #[error("{0}")]
+    Conflict(String),
+    /// State the daemon keeps on disk is unreadable (a corrupt record). Not the client's
+    /// fault and not a bug: the message names the file so an operator can repair it.
+    #[error("{0}")]
+    DataLoss(String),
     /// The caller could not be identified (unknown user, missing or wrong token).
     #[error("{0}")]
     Unauthenticated(String),
@@ -77,14 +86,16 @@ impl Error {
         match self {
             Error::InvalidArgument(_) | Error::FailedPrecondition(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::AlreadyExists(_) => StatusCode::CONFLICT,
+            Error::AlreadyExists(_) | Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            Error::Io { .. } | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::DataLoss(_) | Error::Io { .. } | Error::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -93,7 +104,10 @@ impl Error {
         match self {
             Error::InvalidArgument(_) | Error::NotAcceptable(_) => tonic::Code::InvalidArgument,
             Error::NotFound(_) => tonic::Code::NotFound,
-            Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            // A conflict is "the thing at this key exists, and differs": `already_exists`
+            // (HTTP 409 in Connect too). Not `aborted`, which tells clients to retry: the
+            // same request would conflict again.
+            Error::AlreadyExists(_) | Error::Conflict(_) => tonic::Code::AlreadyExists,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
@@ -101,6 +115,7 @@ impl Error {
                 tonic::Code::ResourceExhausted
             }
             Error::Unimplemented(_) => tonic::Code::Unimplemented,
+            Error::DataLoss(_) => tonic::Code::DataLoss,
             Error::Io { .. } | Error::Internal(_) => tonic::Code::Internal,
         }
     }
@@ -232,6 +247,8 @@ mod tests {
                 406,
                 tonic::Code::InvalidArgument,
             ),
+            (Error::Conflict("x".into()), 409, tonic::Code::AlreadyExists),
+            (Error::DataLoss("x".into()), 500, tonic::Code::DataLoss),
             (Error::Internal("x".into()), 500, tonic::Code::Internal),
         ];
         for (err, status, code) in cases {

@@ -4,7 +4,8 @@
 //! - [`config`]: the command line, validated once into a [`config::Config`].
 //! - [`error`]: the core error enum and its only mappings to HTTP and RPC codes.
 //! - [`server`]: one listener speaking HTTP/1.1 and cleartext HTTP/2; graceful shutdown.
-//! - [`http`]: REST resources (`/health`, `/files`, `/init`, `/envs`, `/metrics`).
+//! - [`http`]: REST resources (`/health`, `/files`, `/init`, `/envs`, `/metrics`,
+//!   `/patches`).
 //! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
 //! - [`fs`]: the transport-free filesystem core (paths, users, entries, metadata, writes).
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
@@ -15,6 +16,7 @@
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.
 //! - [`init`]: `/init`, the control plane's setup of the sandbox.
+//! - [`patch`]: sequenced fix-up scripts, applied once each, recorded in the guest.
 //! - [`host`]: the machine itself: clock, CA trust store, load metrics.
 //! - [`proto`]: generated protobuf code; never edited by hand.
 
@@ -27,6 +29,7 @@ pub mod host;
 pub mod http;
 pub mod identity;
 pub mod init;
+pub mod patch;
 pub mod persist;
 pub mod process;
 pub mod proto;

@@ -10,6 +10,7 @@ use crate::env::EnvStore;
 use crate::host::metrics::CpuSampler;
 use crate::identity::Identity;
 use crate::init::{InitPolicy, Initializer};
+use crate::patch::Patcher;
 use crate::persist::StateDir;
 use crate::process::registry::ProcessTable;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     pub state_dir: Option<Arc<StateDir>>,
     /// The managed processes.
     pub processes: Arc<ProcessTable>,
+    /// Where applied patches are recorded, and the lock that runs one attempt at a time.
+    pub patches: Arc<Patcher>,
 }
 
 impl AppState {
@@ -62,6 +65,11 @@ impl AppState {
             )),
             cpu: Arc::new(CpuSampler::default()),
             state_dir,
+            patches: Arc::new(Patcher::new(
+                config.patch_record_file.clone(),
+                config.kill_grace,
+                config.max_process_timeout,
+            )),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }

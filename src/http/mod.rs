@@ -6,6 +6,7 @@ pub mod files;
 pub mod init;
 pub mod json;
 pub mod metrics;
+pub mod patches;
 
 use axum::Router;
 use axum::body::Body;
@@ -31,6 +32,10 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
         .route("/init", post(init::init))
         .route("/envs", get(envs::envs))
         .route("/metrics", get(metrics::metrics))
+        .route(
+            "/patches",
+            get(patches::get_patches).post(patches::post_patches),
+        )
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

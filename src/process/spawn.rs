@@ -107,3 +107,60 @@ fn environment(spec: &Spec) -> BTreeMap<String, String> {
     env.extend(spec.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
 }
+
+/// A child started directly by the daemon (not through a keeper), with stdout and stderr
+/// piped and stdin from `/dev/null`: for work that lives and ends within one request, such
+/// as a patch.
+pub struct Direct {
+    /// The child, to wait for.
+    pub child: tokio::process::Child,
+    /// Its pid (also its process group and session id).
+    pub pid: u32,
+    /// Read end of stdout.
+    pub stdout: tokio::process::ChildStdout,
+    /// Read end of stderr.
+    pub stderr: tokio::process::ChildStderr,
+}
+
+/// Starts `spec` as the daemon's own child (no terminal, no stdin), as its user, in its own
+/// session.
+///
+/// # Errors
+/// [`Error::PermissionDenied`] when another user is asked for and the daemon is not root;
+/// [`Error::InvalidArgument`] when the program cannot be started.
+pub fn spawn_direct(spec: &Spec) -> Result<Direct> {
+    use std::process::Stdio;
+    let resolved = keeper_spec(spec)?;
+    let mut command = tokio::process::Command::new(&resolved.program);
+    command
+        .args(&resolved.args)
+        .env_clear()
+        .envs(&resolved.env)
+        .current_dir(&resolved.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
+    crate::sys::configure_child(
+        command.as_std_mut(),
+        crate::sys::ChildSetup {
+            credentials: resolved.credentials,
+            controlling_tty: false,
+            oom_score_adj: resolved.oom_score_adj,
+            die_with_parent: false,
+        },
+    );
+    let mut child = command.spawn().map_err(|err| {
+        Error::InvalidArgument(format!(
+            "error starting process '{}': {err}",
+            resolved.program
+        ))
+    })?;
+    let missing = || Error::Internal("a piped stdio of a new child is missing".into());
+    Ok(Direct {
+        pid: child.id().ok_or_else(missing)?,
+        stdout: child.stdout.take().ok_or_else(missing)?,
+        stderr: child.stderr.take().ok_or_else(missing)?,
+        child,
+    })
+}
