@@ -155,12 +155,10 @@ async fn a_deadline_terminates_the_whole_group_and_says_why() {
     let daemon = Daemon::start();
     let mut c = clients(&daemon).await;
     // The shell prints its background child's pid, then waits for it.
-    let mut stream = c
-        .process
-        .start(bash("sleep 1000 & echo $!; wait"))
-        .await
-        .expect("start")
-        .into_inner();
+    // Started with a one-minute deadline, which the test then shortens.
+    let mut request = tonic::Request::new(bash("sleep 1000 & echo $!; wait"));
+    request.set_timeout(Duration::from_secs(60));
+    let mut stream = c.process.start(request).await.expect("start").into_inner();
     let mut pid = 0;
     let mut grandchild = 0u32;
     while grandchild == 0 {
@@ -176,15 +174,20 @@ async fn a_deadline_terminates_the_whole_group_and_says_why() {
     drop(stream);
     assert!(alive(grandchild));
     let before = listed(&mut c, pid).await;
+    let original = before
+        .end_at
+        .map(system_time)
+        .expect("a deadline from Connect-Timeout-Ms");
     assert!(
-        before.end_at.is_none(),
-        "no deadline without Connect-Timeout-Ms"
+        original > SystemTime::now() + Duration::from_secs(50),
+        "about a minute away"
     );
     assert_eq!(before.state(), ext::ProcessState::Running);
     let end_at = set_timeout(&mut c, pid, 500)
         .await
-        .expect("set")
+        .expect("shorten")
         .expect("end_at");
+    assert!(end_at < original);
     assert_eq!(
         listed(&mut c, pid).await.end_at.map(system_time),
         Some(end_at),
