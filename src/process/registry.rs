@@ -309,15 +309,15 @@ impl ProcessTable {
         );
         drop(tables);
         let table = self.clone();
+        // Only the key is kept for the retention: the process itself (its stdin pipe or
+        // terminal, its output hub) is released now, not 30 s from now.
+        let (pid, seq) = (process.pid, process.seq);
+        drop(process);
         tokio::spawn(async move {
             tokio::time::sleep(EXIT_RETENTION).await;
             let mut tables = table.lock();
-            if tables
-                .retained
-                .get(&process.pid)
-                .is_some_and(|r| r.seq == process.seq)
-            {
-                tables.retained.remove(&process.pid);
+            if tables.retained.get(&pid).is_some_and(|r| r.seq == seq) {
+                tables.retained.remove(&pid);
             }
         });
     }
