@@ -25,6 +25,9 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_PROCESS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Whether `/init` may set the system clock: yes, a resumed sandbox's clock is stale.
 pub const DEFAULT_SET_CLOCK: bool = true;
+/// Where uploads record their temp files until they are published, so the next start can
+/// remove what a crash left behind. Persistent (not `/run`): the temp files are on disk too.
+pub const DEFAULT_UPLOAD_JOURNAL_DIR: &str = "/var/lib/envd/uploads";
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -68,6 +71,12 @@ pub struct Cli {
     /// Longest process deadline `SetTimeout` accepts, in seconds.
     #[arg(long, env = "ENVD_MAX_PROCESS_TIMEOUT_SECS", default_value_t = DEFAULT_MAX_PROCESS_TIMEOUT.as_secs())]
     pub max_process_timeout_secs: u64,
+    /// Directory of the upload journal (in-progress temp files); empty turns it off.
+    #[arg(long, env = "ENVD_UPLOAD_JOURNAL_DIR", default_value = DEFAULT_UPLOAD_JOURNAL_DIR)]
+    pub upload_journal_dir: std::ffi::OsString,
+    /// Connection, header, body and message limits.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 /// Validated configuration.
@@ -91,6 +100,10 @@ pub struct Config {
     pub set_clock: bool,
     /// Where `/init` installs a CA certificate.
     pub ca: crate::host::ca::CaStore,
+    /// The upload journal's directory, or `None` to keep none.
+    pub upload_journal: Option<PathBuf>,
+    /// Connection, header, body and message limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Config {
@@ -106,6 +119,7 @@ impl Config {
             Some(user) => user,
             None => own_user_unless_root()?,
         };
+        let limits = crate::limits::Limits::from_args(&cli.limits)?;
         Ok(Config {
             listen: SocketAddr::new(cli.addr, cli.port),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_secs),
@@ -119,6 +133,9 @@ impl Config {
             watcher_idle_timeout: Duration::from_secs(cli.watcher_idle_timeout_secs),
             kill_grace: Duration::from_millis(cli.kill_grace_ms),
             max_process_timeout: Duration::from_secs(cli.max_process_timeout_secs),
+            upload_journal: (!cli.upload_journal_dir.is_empty())
+                .then(|| PathBuf::from(cli.upload_journal_dir)),
+            limits,
         })
     }
 
@@ -138,6 +155,9 @@ impl Config {
                 bundle: crate::host::ca::DEFAULT_BUNDLE_FILE.into(),
                 cert: crate::host::ca::DEFAULT_CERT_FILE.into(),
             },
+            // In-process tests share a machine: a journal is opted into per test.
+            upload_journal: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 }

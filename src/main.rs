@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    envd::panics::log_panics();
     let config = match Config::from_cli(cli) {
         Ok(config) => config,
         Err(message) => {
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(config.limits.max_blocking_threads)
         .build()
     {
         Ok(runtime) => runtime,
@@ -45,6 +47,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    match envd::host::descriptors::raise_limit() {
+        Ok((soft, _)) => tracing::debug!(limit = soft, "descriptor limit"),
+        Err(err) => tracing::warn!(%err, "cannot raise the descriptor limit"),
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.listen))?;

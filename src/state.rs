@@ -10,6 +10,7 @@ use crate::env::EnvStore;
 use crate::host::metrics::CpuSampler;
 use crate::identity::Identity;
 use crate::init::{InitPolicy, Initializer};
+use crate::server::slots::ConnectionSlots;
 
 /// Everything a handler may need, cheap to clone.
 #[derive(Debug, Clone)]
@@ -28,12 +29,15 @@ pub struct AppState {
     pub init: Arc<Initializer>,
     /// The previous CPU reading, so `/metrics` reports usage since the last call.
     pub cpu: Arc<CpuSampler>,
+    /// Connection slots: the accept loop takes them, `/metrics` counts them.
+    pub connections: Arc<ConnectionSlots>,
 }
 
 impl AppState {
     /// Fresh state for `config`.
     pub fn new(config: Config) -> Self {
         AppState {
+            connections: Arc::new(ConnectionSlots::new(config.limits.max_connections)),
             identity: Arc::new(Identity::new(&config.default_user)),
             env: Arc::new(EnvStore::new()),
             access: Arc::new(TokenStore::default()),
@@ -50,3 +54,4 @@ impl AppState {
         }
     }
 }
+

@@ -13,17 +13,12 @@ use serde::{Deserialize, Deserializer};
 use crate::auth::token::AccessToken;
 use crate::error::{Error, Result};
 use crate::init::{self, InitRequest};
+use crate::limits::Limits;
 use crate::state::AppState;
 
 /// The envd version this daemon is wire-compatible with, sent as `X-Envd-Version` so a
 /// control plane that gates features on it treats this daemon as that envd.
 pub const COMPATIBLE_ENVD_VERSION: &str = "0.6.13";
-/// Largest `/init` body accepted: room for a full CA bundle (a few hundred KiB) and
-/// thousands of environment variables, small enough that a hostile body cannot hurt.
-pub const MAX_INIT_BODY_BYTES: usize = 2 * 1024 * 1024;
-/// Deepest nesting of arrays and objects accepted in an `/init` body. The schema needs 3
-/// (`volumeMounts`: object → array → object); the slack leaves room for unknown fields.
-pub const MAX_INIT_NESTING: usize = 8;
 
 /// Serves `POST /init`.
 pub async fn init(State(state): State<AppState>, body: Body) -> Response {
@@ -46,12 +41,17 @@ pub async fn init(State(state): State<AppState>, body: Body) -> Response {
 }
 
 async fn serve(state: &AppState, body: Body) -> Result<init::Outcome> {
-    let body = to_bytes(body, MAX_INIT_BODY_BYTES).await.map_err(|err| {
-        Error::InvalidArgument(format!(
-            "error reading the request body (at most {MAX_INIT_BODY_BYTES} bytes): {err}"
-        ))
-    })?;
-    let request = parse(&body)?;
+    let limits = &state.config.limits;
+    let max = limits.max_json_body_bytes;
+    let body = to_bytes(body, max)
+        .await
+        .map_err(|err| match Error::reading_body(&err) {
+            stalled @ Error::TimedOut(_) => stalled,
+            _ => Error::InvalidArgument(format!(
+                "error reading the request body (at most {max} bytes): {err}"
+            )),
+        })?;
+    let request = parse(&body, limits)?;
     init::init(state, request).await
 }
 
@@ -72,17 +72,15 @@ struct InitBody {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when the body is not a JSON object of the expected shape,
-/// nests deeper than [`MAX_INIT_NESTING`], carries an empty, escaped or non-string
+/// nests deeper than `--max-json-nesting`, carries an empty, escaped or non-string
 /// `accessToken`, or a `timestamp` that is not RFC 3339.
-pub fn parse(body: &[u8]) -> Result<InitRequest> {
+pub fn parse(body: &[u8], limits: &Limits) -> Result<InitRequest> {
     if body.is_empty() {
         return Ok(InitRequest::default());
     }
-    if nesting(body) > MAX_INIT_NESTING {
-        return Err(Error::InvalidArgument(format!(
-            "error decoding the request body: nested deeper than {MAX_INIT_NESTING} levels"
-        )));
-    }
+    limits
+        .check_json_nesting(body)
+        .map_err(|err| Error::InvalidArgument(format!("error decoding the request body: {err}")))?;
     let parsed: Option<InitBody> = serde_json::from_slice(body)
         .map_err(|err| Error::InvalidArgument(format!("error decoding the request body: {err}")))?;
     let parsed = parsed.unwrap_or_default();
@@ -123,34 +121,6 @@ fn strict_token<'de, D: Deserializer<'de>>(
     .transpose()
 }
 
-/// The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not
-/// count). Checked before parsing, so a hostile body cannot make the parser recurse.
-fn nesting(json: &[u8]) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for &byte in json {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    deepest
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +138,7 @@ mod tests {
             "hyperloopIP": "10.0.0.1",
             "futureField": {"nested": [1, 2]}
         }"#;
-        let request = parse(body).expect("parse");
+        let request = parse(body, &Limits::default()).expect("parse");
         assert!(request.access_token.expect("token").matches(b"tok"));
         assert_eq!(request.timestamp, Some(1_714_979_289_123_456_789));
         let vars = request.env_vars.expect("vars");
@@ -186,7 +156,8 @@ mod tests {
             b"{}",
             br#"{"accessToken": null, "envVars": null}"#,
         ] {
-            let request = parse(body).unwrap_or_else(|err| panic!("{body:?}: {err}"));
+            let request =
+                parse(body, &Limits::default()).unwrap_or_else(|err| panic!("{body:?}: {err}"));
             assert!(request.access_token.is_none());
             assert!(request.env_vars.is_none());
             assert!(request.timestamp.is_none());
@@ -214,26 +185,13 @@ mod tests {
             deep.as_bytes(),
         ];
         for body in cases {
-            let err = parse(body).expect_err(&String::from_utf8_lossy(body));
+            let err = parse(body, &Limits::default()).expect_err(&String::from_utf8_lossy(body));
             assert!(
                 matches!(err, Error::InvalidArgument(_)),
                 "{}: {err:?}",
                 String::from_utf8_lossy(body)
             );
             assert_eq!(err.http_status(), StatusCode::BAD_REQUEST);
-        }
-    }
-
-    #[test]
-    fn measures_nesting_outside_strings() {
-        for (json, want) in [
-            (&b"{}"[..], 1),
-            (b"{\"a\":[{}]}", 3),
-            (b"{\"a\":\"[[[[\"}", 1),
-            (b"{\"a\":\"\\\"[[\"}", 1),
-            (b"123", 0),
-        ] {
-            assert_eq!(nesting(json), want, "{}", String::from_utf8_lossy(json));
         }
     }
 }

@@ -237,18 +237,27 @@ pub fn is_unsupported(err: &io::Error) -> bool {
 
 /// Extracts metadata from `X-Metadata-<key>` request headers: prefix matched
 /// case-insensitively, key lower-cased (HTTP names already are), the first value of a
-/// repeated header wins, a header named exactly `X-Metadata-` is ignored. The result is
-/// validated.
+/// repeated header wins, a header named exactly `X-Metadata-` is ignored. At most
+/// `max_headers` such headers (repeats and empty names included) are looked at. The result
+/// is validated.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when the set breaks the rules of [`validate`].
-pub fn from_headers(headers: &http::HeaderMap) -> Result<Metadata> {
+/// [`Error::InvalidArgument`] when there are more than `max_headers` metadata headers or
+/// the set breaks the rules of [`validate`].
+pub fn from_headers(headers: &http::HeaderMap, max_headers: usize) -> Result<Metadata> {
     const HEADER_PREFIX: &str = "x-metadata-";
     let mut raw: BTreeMap<String, &[u8]> = BTreeMap::new();
+    let mut seen = 0usize;
     for (name, value) in headers {
         let Some(key) = name.as_str().strip_prefix(HEADER_PREFIX) else {
             continue;
         };
+        seen += 1;
+        if seen > max_headers {
+            return Err(Error::InvalidArgument(format!(
+                "invalid metadata: more than {max_headers} X-Metadata-* headers"
+            )));
+        }
         if key.is_empty() {
             continue;
         }
@@ -325,7 +334,7 @@ mod tests {
         headers.append("x-metadata-", "ignored".parse().expect("value"));
         headers.append("x-metadata", "ignored".parse().expect("value"));
         headers.append("content-type", "text/plain".parse().expect("value"));
-        let metadata = from_headers(&headers).expect("valid");
+        let metadata = from_headers(&headers, 100).expect("valid");
         let want: Metadata = [("author", "first"), ("job-id", "42")]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -341,7 +350,7 @@ mod tests {
             http::HeaderValue::from_bytes(b"caf\xc3\xa9").expect("obs-text is a valid value"),
         );
         assert!(matches!(
-            from_headers(&headers),
+            from_headers(&headers, 100),
             Err(Error::InvalidArgument(_))
         ));
     }

@@ -78,7 +78,8 @@ async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, 
         .identity
         .for_files(query.username.as_deref())
         .map_err(IntoResponse::into_response)?;
-    let metadata = metadata::from_headers(&headers).map_err(IntoResponse::into_response)?;
+    let metadata = metadata::from_headers(&headers, state.config.limits.max_metadata_headers)
+        .map_err(IntoResponse::into_response)?;
     let declared_len =
         header_str(&headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     let content_type = header_str(&headers, header::CONTENT_TYPE)
@@ -145,7 +146,7 @@ impl Job {
             let field = match form.next_field().await {
                 Ok(Some(field)) => field,
                 Ok(None) => break,
-                Err(err) => return Err(reject(format!("error reading form: {err}"))),
+                Err(err) => return Err(form_error(err).into_response()),
             };
             if field.name() != Some("file") {
                 continue;
@@ -186,9 +187,7 @@ impl Job {
                 }
                 return Err(reject(message));
             }
-            let stream: ByteStream = Box::pin(
-                field.map_err(|err| Error::InvalidArgument(format!("error reading form: {err}"))),
-            );
+            let stream: ByteStream = Box::pin(field.map_err(form_error));
             entries.push(
                 self.write(path, stream)
                     .await
@@ -261,19 +260,29 @@ fn decoded_body(body: Body, coding: Coding) -> ByteStream {
         .into_data_stream()
         .map_err(|err| std::io::Error::other(err.into_inner()));
     match coding {
-        Coding::Identity => {
-            Box::pin(raw.map_err(|err| {
-                Error::InvalidArgument(format!("error reading request body: {err}"))
-            }))
-        }
+        Coding::Identity => Box::pin(raw.map_err(|err| Error::reading_body(&err))),
         Coding::Gzip => {
             let mut decoder = GzipDecoder::new(StreamReader::new(raw));
             decoder.multiple_members(true);
-            Box::pin(ReaderStream::new(decoder).map_err(|err| {
-                Error::InvalidArgument(format!("error decompressing request body: {err}"))
-            }))
+            Box::pin(
+                ReaderStream::new(decoder).map_err(|err| match Error::reading_body(&err) {
+                    stalled @ Error::TimedOut(_) => stalled,
+                    _ => Error::InvalidArgument(format!("error decompressing request body: {err}")),
+                }),
+            )
         }
     }
+}
+
+/// A multipart error: the body's own error when reading it failed (a stall stays a 408),
+/// else the form is malformed (400).
+fn form_error(err: multer::Error) -> Error {
+    if let multer::Error::StreamReadFailed(source) = &err {
+        if let Some(Error::TimedOut(message)) = source.downcast_ref::<Error>() {
+            return Error::TimedOut(message.clone());
+        }
+    }
+    Error::InvalidArgument(format!("error reading form: {err}"))
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
