@@ -56,6 +56,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
+    // Before the ready line: building the state cleans up after a crashed previous run.
+    let state = AppState::new(config);
     // The one machine-readable line on stdout: supervisors and tests wait for it.
     {
         let mut stdout = std::io::stdout().lock();
@@ -63,7 +65,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
-    envd::server::run(listener, AppState::new(config), shutdown).await?;
+    envd::server::run(listener, state, shutdown).await?;
     Ok(())
 }
 

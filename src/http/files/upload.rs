@@ -1,9 +1,14 @@
 //! `POST /files`: multipart (every `file` part) or `application/octet-stream` uploads,
 //! optionally gzip-encoded, streamed to disk through [`crate::fs::write::Upload`].
+//!
+//! The body is read on the runtime and written on blocking threads one batch of chunks at a
+//! time, so an upload holds a blocking thread only while its data is being written: slow
+//! or stalled clients cannot pin the pool that every filesystem operation shares.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_compression::tokio::bufread::GzipDecoder;
 use axum::body::Body;
@@ -18,16 +23,21 @@ use tokio_util::io::{ReaderStream, StreamReader};
 use crate::auth::signature::Operation;
 use crate::error::Error;
 use crate::fs::entry::base_name;
+use crate::fs::journal::Journal;
 use crate::fs::metadata::{self, Metadata};
 use crate::fs::user::User;
 use crate::fs::write::Upload;
 use crate::http::files::encoding::{self, Coding};
 use crate::http::files::{FilesQuery, disposition};
 use crate::identity::Requester;
+use crate::rpc::blocking;
 use crate::state::AppState;
 
 /// Body chunks queued between the socket and the disk writer.
 const WRITE_QUEUE_DEPTH: usize = 16;
+/// Most bytes written in one trip to a blocking thread: the chunks that queued up while the
+/// previous batch was written, so a fast client costs few trips.
+const MAX_WRITE_BATCH: usize = 1024 * 1024;
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
 
@@ -96,6 +106,7 @@ async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, 
         requester,
         metadata,
         declared_len,
+        journal: state.uploads.clone(),
     };
     if media == "application/octet-stream" {
         let Some(raw_path) = query.path else {
@@ -128,6 +139,7 @@ struct Job {
     requester: Requester,
     metadata: Metadata,
     declared_len: Option<u64>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Job {
@@ -200,13 +212,16 @@ impl Job {
     /// Streams one file to disk and publishes it with the request's metadata.
     async fn write(&self, path: PathBuf, mut body: ByteStream) -> Result<UploadedEntry, Error> {
         let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE_DEPTH);
-        let writer = spawn_writer(
-            path.clone(),
-            self.requester.user.clone(),
-            self.metadata.clone(),
-            self.declared_len,
-            rx,
-        );
+        let target = Target {
+            path: path.clone(),
+            owner: self.requester.user.clone(),
+            metadata: self.metadata.clone(),
+            declared_len: self.declared_len,
+            journal: self.journal.clone(),
+        };
+        // A task of its own: if this request is dropped (the client left), the writer still
+        // sees the channel close and discards the upload.
+        let writer = tokio::spawn(write_to_disk(target, rx));
         while let Some(chunk) = body.next().await {
             // On a body error the sender is dropped unfinished: the writer discards the upload.
             if tx.send(Piece::Data(chunk?)).await.is_err() {
@@ -232,26 +247,72 @@ enum Piece {
     End,
 }
 
-/// The disk side of an upload, on a blocking thread. The upload is published only after
-/// `End`; a closed channel without it (client gone, body error) discards it.
-fn spawn_writer(
+/// Where and how one file is written.
+struct Target {
     path: PathBuf,
     owner: User,
     metadata: Metadata,
     declared_len: Option<u64>,
+    journal: Option<Arc<Journal>>,
+}
+
+/// The disk side of an upload. Each batch of chunks is written on a blocking thread; the
+/// upload is published only after `End`, and a channel closed without it (client gone, body
+/// error) discards it.
+async fn write_to_disk(
+    target: Target,
     mut rx: mpsc::Receiver<Piece>,
-) -> tokio::task::JoinHandle<Result<Option<Metadata>, Error>> {
-    tokio::task::spawn_blocking(move || {
-        let mut upload = Upload::begin(&path, &owner, declared_len)?;
-        while let Some(piece) = rx.blocking_recv() {
-            match piece {
-                Piece::Data(data) => upload.write_all(&data)?,
-                Piece::End => return upload.commit(&metadata).map(Some),
+) -> Result<Option<Metadata>, Error> {
+    let Target {
+        path,
+        owner,
+        metadata,
+        declared_len,
+        journal,
+    } = target;
+    let mut upload =
+        blocking(move || Upload::begin(&path, &owner, declared_len, journal.as_deref())).await?;
+    loop {
+        let mut batch = match rx.recv().await {
+            Some(Piece::Data(data)) => vec![data],
+            Some(Piece::End) => return blocking(move || upload.commit(&metadata).map(Some)).await,
+            None => {
+                // Removing the temp file is a blocking syscall too.
+                return blocking(move || {
+                    tracing::debug!(written = upload.written(), "upload abandoned");
+                    drop(upload);
+                    Ok(None)
+                })
+                .await;
+            }
+        };
+        let mut size = batch[0].len();
+        let mut ended = false;
+        while size < MAX_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(Piece::Data(data)) => {
+                    size += data.len();
+                    batch.push(data);
+                }
+                Ok(Piece::End) => {
+                    ended = true;
+                    break;
+                }
+                Err(_) => break,
             }
         }
-        tracing::debug!(path = %path.display(), written = upload.written(), "upload abandoned");
-        Ok(None)
-    })
+        // On a write error the upload is dropped on the blocking thread (temp file removed).
+        upload = blocking(move || {
+            for data in &batch {
+                upload.write_all(data)?;
+            }
+            Ok(upload)
+        })
+        .await?;
+        if ended {
+            return blocking(move || upload.commit(&metadata).map(Some)).await;
+        }
+    }
 }
 
 /// The request body as a stream of bytes, gunzipped when it is gzip-encoded.
