@@ -31,6 +31,7 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
         .route("/init", post(init::init))
         .route("/envs", get(envs::envs))
         .route("/metrics", get(metrics::metrics))
+        .route("/metrics/envd", get(metrics::daemon_load))
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
