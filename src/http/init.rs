@@ -194,4 +194,69 @@ mod tests {
             assert_eq!(err.http_status(), StatusCode::BAD_REQUEST);
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON values of bounded size and depth.
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,12}".prop_map(serde_json::Value::from),
+                "[0-9T:.Z+-]{0,30}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(10, 48, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                    prop::collection::btree_map(".{0,8}", inner, 0..4)
+                        .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// `/init` bodies built from the real field names with values of any type.
+        fn init_body() -> impl Strategy<Value = serde_json::Value> {
+            prop::collection::btree_map(
+                prop::sample::select(vec![
+                    "accessToken",
+                    "timestamp",
+                    "envVars",
+                    "defaultUser",
+                    "defaultWorkdir",
+                    "caBundle",
+                    "volumeMounts",
+                    "other",
+                ])
+                .prop_map(str::to_owned),
+                json(),
+                0..6,
+            )
+            .prop_map(|map| serde_json::Value::Object(map.into_iter().collect()))
+        }
+
+        proptest! {
+            /// Any bytes: parsed or refused with a 400, never a panic.
+            #[test]
+            fn any_bytes_are_parsed_or_refused(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                if let Err(err) = parse(&body, &Limits::default()) {
+                    prop_assert!(matches!(err, Error::InvalidArgument(_)));
+                }
+            }
+
+            /// Bodies shaped like real ones, with wrong types and deep nesting: the same, and
+            /// anything nested deeper than the limit is refused before it is parsed.
+            #[test]
+            fn init_shaped_bodies_are_parsed_or_refused(body in init_body()) {
+                let text = serde_json::to_vec(&body).expect("serialize");
+                let limits = Limits::default();
+                match parse(&text, &limits) {
+                    Ok(_) => prop_assert!(crate::limits::json_nesting(&text) <= limits.max_json_nesting),
+                    Err(err) => prop_assert!(matches!(err, Error::InvalidArgument(_))),
+                }
+            }
+        }
+    }
 }
