@@ -306,6 +306,17 @@ async fn a_stalled_upload_is_408_and_leaves_the_old_file_and_no_temp() {
     );
     assert_eq!(std::fs::read(&path).expect("read"), b"old");
 
+    // A stalled Connect call is deadline_exceeded.
+    let mut stream = TcpStream::connect(daemon.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /filesystem.Filesystem/Stat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"path\":")
+        .await
+        .expect("head");
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("deadline_exceeded"), "{answer}");
+
     // Slow is not stalled: chunks 700 ms apart (2.1 s in all) with a 1 s idle limit.
     let chunks = futures_util::stream::unfold(0, |i| async move {
         if i == 3 {

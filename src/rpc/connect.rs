@@ -209,7 +209,7 @@ async fn unary(
             {
                 too_large(limits)
             } else {
-                Status::cancelled(format!("reading request: {err}"))
+                reading_failed(err.as_ref())
             };
             return unary_error(&status);
         }
@@ -348,10 +348,7 @@ fn request_frames(
                 }
                 Some(Err(err)) => {
                     state.done = true;
-                    return Some((
-                        Err(Status::cancelled(format!("reading request: {err}"))),
-                        state,
-                    ));
+                    return Some((Err(reading_failed(&err)), state));
                 }
                 None => {
                     state.done = true;
@@ -462,6 +459,15 @@ fn to_binary(
             (method.request_from_json)(payload)
                 .map_err(|err| Status::invalid_argument(format!("unmarshal request: {err}")))
         }
+    }
+}
+
+/// The request body failed: a stall (`--body-idle-timeout-secs`) is `deadline_exceeded`,
+/// anything else (the client went away) `canceled`.
+fn reading_failed(err: &(dyn std::error::Error + 'static)) -> Status {
+    match crate::error::Error::reading_body(err) {
+        stalled @ crate::error::Error::TimedOut(_) => Status::from(stalled),
+        _ => Status::cancelled(format!("reading request: {err}")),
     }
 }
 
