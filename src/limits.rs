@@ -39,8 +39,9 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes of a JSON body on the REST routes that take one (`/init`, `PATCH /files/metadata`):
 /// room for a CA bundle of a few hundred KiB and thousands of environment variables.
 pub const DEFAULT_MAX_JSON_BODY_BYTES: usize = 2 * 1024 * 1024;
-/// Nesting of arrays and objects in a JSON body or Connect JSON message. The deepest schema
-/// needs 4 (`StartRequest.pty.size` inside the message); the rest is slack for unknown fields.
+/// Nesting of arrays and objects in a JSON body or Connect JSON message. The deepest schemas
+/// need 3 (`StartRequest.pty.size`, `/init`'s `volumeMounts`); the rest is slack for fields
+/// a newer client may add.
 pub const DEFAULT_MAX_JSON_NESTING: usize = 8;
 /// Bytes of one RPC request message, in every protocol (gRPC, gRPC-Web, Connect; after
 /// decompression). The largest real message is `SendInput` data, which clients chunk.
