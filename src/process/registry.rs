@@ -288,7 +288,8 @@ impl ProcessTable {
             tracing::warn!(%err, "output fan-out task failed");
         }
         let reason = process.reason(&exit);
-        process.hub.finish(exit.clone(), reason);
+        // Recorded as exited before the end is sent: a client that sees the end and then
+        // lists or re-attaches finds the exit, never a process still "ending".
         let mut tables = self.lock();
         if tables
             .live
@@ -303,11 +304,12 @@ impl ProcessTable {
                 seq: process.seq,
                 tag: process.tag.clone(),
                 config: process.config.clone(),
-                exit,
+                exit: exit.clone(),
                 reason,
             },
         );
         drop(tables);
+        process.hub.finish(exit, reason);
         let table = self.clone();
         // Only the key is kept for the retention: the process itself (its stdin pipe or
         // terminal, its output hub) is released now, not 30 s from now.
