@@ -223,8 +223,17 @@ impl Job {
         // sees the channel close and discards the upload.
         let writer = tokio::spawn(write_to_disk(target, rx));
         while let Some(chunk) = body.next().await {
-            // On a body error the sender is dropped unfinished: the writer discards the upload.
-            if tx.send(Piece::Data(chunk?)).await.is_err() {
+            let data = match chunk {
+                Ok(data) => data,
+                Err(err) => {
+                    // The sender is dropped unfinished, so the writer discards the upload;
+                    // waiting for it means no temp file outlives the answer.
+                    drop(tx);
+                    let _ = writer.await;
+                    return Err(err);
+                }
+            };
+            if tx.send(Piece::Data(data)).await.is_err() {
                 break; // The writer failed; its error is reported below.
             }
         }
