@@ -31,6 +31,9 @@ pub const DEFAULT_SET_CLOCK: bool = true;
 /// The record of applied patches: on the guest's own disk, so snapshots carry it, in the
 /// conventional place for a daemon's state.
 pub const DEFAULT_PATCH_RECORD_FILE: &str = "/var/lib/envd/patches.json";
+/// Where uploads record their temp files until they are published, so the next start can
+/// remove what a crash left behind. Persistent (not `/run`): the temp files are on disk too.
+pub const DEFAULT_UPLOAD_JOURNAL_DIR: &str = "/var/lib/envd/uploads";
 
 /// The daemon's command line. Every flag also reads an `ENVD_*` environment variable.
 #[derive(Debug, Clone, Parser)]
@@ -82,6 +85,12 @@ pub struct Cli {
     /// patch.
     #[arg(long, env = "ENVD_PATCH_RECORD_FILE", default_value = DEFAULT_PATCH_RECORD_FILE)]
     pub patch_record_file: PathBuf,
+    /// Directory of the upload journal (in-progress temp files); empty turns it off.
+    #[arg(long, env = "ENVD_UPLOAD_JOURNAL_DIR", default_value = DEFAULT_UPLOAD_JOURNAL_DIR)]
+    pub upload_journal_dir: std::ffi::OsString,
+    /// Connection, header, body and message limits.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 /// Validated configuration.
@@ -109,6 +118,10 @@ pub struct Config {
     pub ca: crate::host::ca::CaStore,
     /// The record of applied patches.
     pub patch_record_file: PathBuf,
+    /// The upload journal's directory, or `None` to keep none.
+    pub upload_journal: Option<PathBuf>,
+    /// Connection, header, body and message limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Config {
@@ -127,6 +140,7 @@ impl Config {
             Some(user) => user,
             None => own_user_unless_root()?,
         };
+        let limits = crate::limits::Limits::from_args(&cli.limits)?;
         Ok(Config {
             listen: SocketAddr::new(cli.addr, cli.port),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_secs),
@@ -142,6 +156,9 @@ impl Config {
             kill_grace: Duration::from_millis(cli.kill_grace_ms),
             max_process_timeout: Duration::from_secs(cli.max_process_timeout_secs),
             patch_record_file: cli.patch_record_file,
+            upload_journal: (!cli.upload_journal_dir.is_empty())
+                .then(|| PathBuf::from(cli.upload_journal_dir)),
+            limits,
         })
     }
 
@@ -163,6 +180,9 @@ impl Config {
                 cert: crate::host::ca::DEFAULT_CERT_FILE.into(),
             },
             patch_record_file: DEFAULT_PATCH_RECORD_FILE.into(),
+            // In-process tests share a machine: a journal is opted into per test.
+            upload_journal: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 }

@@ -52,6 +52,9 @@ pub enum Error {
     /// The operation is not supported by this daemon (yet).
     #[error("{0}")]
     Unimplemented(String),
+    /// The client took too long: its request body sent nothing for the configured time.
+    #[error("{0}")]
+    TimedOut(String),
     /// An operating-system error while doing what the client asked, e.g. EXDEV on a move.
     /// The message names the operation and path; the OS error text follows it.
     #[error("{context}: {source}")]
@@ -72,13 +75,29 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// An OS error while doing `context`. ENOSPC and EDQUOT become
-    /// [`Error::InsufficientStorage`], so every caller gets 507 for a full disk.
+    /// [`Error::InsufficientStorage`], so every caller gets 507 for a full disk; EMFILE and
+    /// ENFILE become [`Error::ResourceExhausted`], so a client told "too many open files"
+    /// knows to retry.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         let context = context.into();
         if is_no_space(&source) {
             return Error::InsufficientStorage(format!("{context}: {source}"));
         }
+        if is_out_of_descriptors(&source) {
+            return Error::ResourceExhausted(format!("{context}: {source}"));
+        }
         Error::Io { context, source }
+    }
+
+    /// A failure reading a request body: [`Error::TimedOut`] when the body stalled (an
+    /// [`io::ErrorKind::TimedOut`] anywhere in its source chain), else
+    /// [`Error::InvalidArgument`].
+    pub fn reading_body(err: &(dyn std::error::Error + 'static)) -> Self {
+        if stalled(err) {
+            Error::TimedOut(format!("error reading request body: {err}"))
+        } else {
+            Error::InvalidArgument(format!("error reading request body: {err}"))
+        }
     }
 
     /// The HTTP status of this error on REST routes.
@@ -93,6 +112,7 @@ impl Error {
             Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             Error::DataLoss(_) | Error::Io { .. } | Error::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -116,6 +136,7 @@ impl Error {
             }
             Error::Unimplemented(_) => tonic::Code::Unimplemented,
             Error::DataLoss(_) => tonic::Code::DataLoss,
+            Error::TimedOut(_) => tonic::Code::DeadlineExceeded,
             Error::Io { .. } | Error::Internal(_) => tonic::Code::Internal,
         }
     }
@@ -133,6 +154,28 @@ impl Error {
 pub fn is_no_space(err: &io::Error) -> bool {
     use nix::errno::Errno;
     matches!(err.raw_os_error(), Some(code) if code == Errno::ENOSPC as i32 || code == Errno::EDQUOT as i32)
+}
+
+/// True when `err` or anything it wraps is an [`io::ErrorKind::TimedOut`] (an `io::Error`'s
+/// own payload is not its `source()`, so it is looked into too).
+fn stalled(err: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(io) = err.downcast_ref::<io::Error>() {
+        if io.kind() == io::ErrorKind::TimedOut {
+            return true;
+        }
+        if let Some(inner) = io.get_ref() {
+            if stalled(inner) {
+                return true;
+            }
+        }
+    }
+    err.source().is_some_and(stalled)
+}
+
+/// True for "too many open files" (the daemon's limit, EMFILE, or the system's, ENFILE).
+pub fn is_out_of_descriptors(err: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(err.raw_os_error(), Some(code) if code == Errno::EMFILE as i32 || code == Errno::ENFILE as i32)
 }
 
 impl From<Error> for tonic::Status {
@@ -214,6 +257,28 @@ mod tests {
             io::Error::from_raw_os_error(nix::errno::Errno::EDQUOT as i32),
         );
         assert_eq!(err.http_status(), StatusCode::INSUFFICIENT_STORAGE);
+    }
+
+    #[test]
+    fn out_of_descriptors_is_resource_exhausted_and_stalls_are_timeouts() {
+        let err = Error::io(
+            "error opening file /x",
+            io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32),
+        );
+        assert_eq!(err.http_status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.rpc_code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.to_string().starts_with("error opening file /x: "),
+            "{err}"
+        );
+
+        let stalled = io::Error::new(io::ErrorKind::TimedOut, "request body sent nothing");
+        let wrapped = axum::Error::new(stalled);
+        let err = Error::reading_body(&wrapped);
+        assert_eq!(err.http_status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(err.rpc_code(), tonic::Code::DeadlineExceeded);
+        let err = Error::reading_body(&io::Error::other("connection reset"));
+        assert_eq!(err.http_status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -82,16 +82,17 @@ impl Identity {
     /// default user. A header that is not valid Basic auth counts as absent.
     ///
     /// # Errors
-    /// [`Error::Unauthenticated`] when the named or default user does not exist.
+    /// [`Error::Unauthenticated`] when the named or default user does not exist; the
+    /// lookup's own error when the user database cannot be read.
     pub fn for_rpc(&self, authorization: Option<&[u8]>) -> Result<Requester> {
         let defaults = self.defaults();
         let user = match authorization.and_then(basic_auth_user) {
-            Some(name) => User::lookup(&name)
+            Some(name) => User::lookup(&name)?
                 .ok_or_else(|| Error::Unauthenticated(format!("invalid username: '{name}'")))?,
             None if defaults.user.is_empty() => {
                 return Err(Error::Unauthenticated("no user specified".into()));
             }
-            None => User::lookup(&defaults.user).ok_or_else(|| {
+            None => User::lookup(&defaults.user)?.ok_or_else(|| {
                 Error::Unauthenticated(format!("invalid default user: '{}'", defaults.user))
             })?,
         };
@@ -105,11 +106,12 @@ impl Identity {
     /// empty), else the default user.
     ///
     /// # Errors
-    /// [`Error::Unauthenticated`] `error looking up user '<u>'` for an unknown user.
+    /// [`Error::Unauthenticated`] `error looking up user '<u>'` for an unknown user; the
+    /// lookup's own error when the user database cannot be read.
     pub fn for_files(&self, username: Option<&str>) -> Result<Requester> {
         let defaults = self.defaults();
         let name = username.unwrap_or(&defaults.user);
-        let user = User::lookup(name).ok_or_else(|| {
+        let user = User::lookup(name)?.ok_or_else(|| {
             Error::Unauthenticated(format!(
                 "error looking up user '{name}': user: unknown user {name}"
             ))

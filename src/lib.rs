@@ -2,8 +2,10 @@
 //!
 //! Module map:
 //! - [`config`]: the command line, validated once into a [`config::Config`].
+//! - [`limits`]: every bound on what a client can make the daemon hold or wait for.
 //! - [`error`]: the core error enum and its only mappings to HTTP and RPC codes.
 //! - [`server`]: one listener speaking HTTP/1.1 and cleartext HTTP/2; graceful shutdown.
+//! - [`panics`]: a panic in request handling becomes a 500 or `internal`, logged once.
 //! - [`http`]: REST resources (`/health`, `/files`, `/init`, `/envs`, `/metrics`,
 //!   `/patches`).
 //! - [`rpc`]: the tonic services and the Connect and gRPC-Web layers that translate into them.
@@ -29,6 +31,8 @@ pub mod host;
 pub mod http;
 pub mod identity;
 pub mod init;
+pub mod limits;
+pub mod panics;
 pub mod patch;
 pub mod persist;
 pub mod process;

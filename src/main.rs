@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    envd::panics::log_panics();
     let config = match Config::from_cli(cli) {
         Ok(config) => config,
         Err(message) => {
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(config.limits.max_blocking_threads)
         .build()
     {
         Ok(runtime) => runtime,
@@ -58,6 +60,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    match envd::host::descriptors::raise_limit() {
+        Ok((soft, _)) => tracing::debug!(limit = soft, "descriptor limit"),
+        Err(err) => tracing::warn!(%err, "cannot raise the descriptor limit"),
+    }
     let state_dir = match &config.state_dir {
         Some(path) => Some(
             StateDir::open(path)
@@ -70,6 +76,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
+    // Building the state also cleans up after a crashed previous run (the upload journal).
     let state = AppState::new(config, state_dir);
     // Restore before accepting anything: the token is enforced from the first request,
     // and surviving processes are listed, signalled and re-attached as before.

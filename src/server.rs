@@ -2,19 +2,29 @@
 //! apart per connection, REST and every RPC protocol share the router. Shutdown stops
 //! accepting, ends streams cleanly through the shared cancellation token, and waits (up to
 //! the configured grace) for in-flight requests.
+//!
+//! The limits are applied here: connection slots ([`slots`]), an accept loop that backs off
+//! when descriptors run out ([`accept`]), and per connection the protocol limits, the idle
+//! watchdog and stalled-body timeouts ([`connection`], [`body`]). A panic in a handler is
+//! caught by the guard around the whole app ([`crate::panics`]).
+
+pub mod accept;
+pub mod body;
+pub mod connection;
+pub mod slots;
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer, ExposeHeaders};
 
 use crate::http;
+use crate::panics::guard::{CatchPanic, Rest};
 use crate::rpc::Rpc;
+use crate::server::connection::App;
 use crate::state::AppState;
 
 /// How long browsers may cache a CORS preflight answer (envd's value).
@@ -30,48 +40,55 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let rpc = Rpc::new(state.clone()).map_err(io::Error::other)?;
-    let app = http::router(state.clone(), rpc).layer(cors());
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let app = app(state.clone(), rpc);
+    let settings = Arc::new(connection::Settings::new(&state.config.limits));
+    let connections = TaskTracker::new();
+    let mut acceptor = accept::Acceptor::new(listener);
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // EMFILE and friends: the connection is lost, the listener is not.
-                    tracing::warn!(%err, "accepting a connection");
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-            },
+        let slot = tokio::select! {
+            slot = state.connections.acquire() => slot,
             () = &mut shutdown => break,
         };
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, %peer, "setting TCP_NODELAY");
-        }
-        let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%err, %peer, "connection ended with an error");
-            }
-        });
+        let (stream, peer) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        connections.spawn(connection::serve(
+            stream,
+            peer,
+            app.clone(),
+            settings.clone(),
+            state.shutdown.clone(),
+            slot,
+        ));
     }
     tracing::info!("shutting down");
     crate::supervisor::stopping();
-    drop(listener);
+    drop(acceptor);
     state.shutdown.cancel();
-    if tokio::time::timeout(state.config.shutdown_grace, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(state.config.shutdown_grace, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!(grace = ?state.config.shutdown_grace, "requests still running after the grace period");
     }
     Ok(())
+}
+
+/// The service each connection serves: the REST routes and the RPC protocols, CORS, and
+/// the panic guard around all of it (the RPC stack has its own inside, which answers in the
+/// RPC's protocol).
+pub fn app(state: AppState, rpc: Rpc) -> App {
+    let router = http::router(state, rpc).layer(cors());
+    #[cfg(debug_assertions)]
+    if crate::panics::fault::enabled() {
+        let rest_only = |path: &str| !Rpc::is_rpc_path(path);
+        let faulty = crate::panics::fault::Faults::<_, Rest>::new(router, rest_only);
+        return App::new(CatchPanic::<_, Rest>::new(faulty));
+    }
+    App::new(CatchPanic::<_, Rest>::new(router))
 }
 
 /// Permissive CORS, as envd: any origin, the methods and headers clients use, the gRPC

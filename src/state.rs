@@ -7,12 +7,14 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::token::{NoHostTokenHash, TokenStore};
 use crate::config::Config;
 use crate::env::EnvStore;
+use crate::fs::journal::Journal;
 use crate::host::metrics::CpuSampler;
 use crate::identity::Identity;
 use crate::init::{InitPolicy, Initializer};
 use crate::patch::Patcher;
 use crate::persist::StateDir;
 use crate::process::registry::ProcessTable;
+use crate::server::slots::ConnectionSlots;
 
 /// Everything a handler may need, cheap to clone.
 #[derive(Clone)]
@@ -37,6 +39,11 @@ pub struct AppState {
     pub processes: Arc<ProcessTable>,
     /// Where applied patches are recorded, and the lock that runs one attempt at a time.
     pub patches: Arc<Patcher>,
+    /// Connection slots: the accept loop takes them, `/metrics` counts them.
+    pub connections: Arc<ConnectionSlots>,
+    /// The upload journal, when one is configured and could be opened: uploads record their
+    /// temp files in it so the next start can remove what a crash left.
+    pub uploads: Option<Arc<Journal>>,
 }
 
 impl AppState {
@@ -52,6 +59,8 @@ impl AppState {
             tracing::error!(dir = %keeper_dir.display(), %err, "creating the keepers' socket directory");
         }
         AppState {
+            connections: Arc::new(ConnectionSlots::new(config.limits.max_connections)),
+            uploads: config.upload_journal.as_deref().and_then(open_journal),
             processes: ProcessTable::new(config.kill_grace, keeper_dir, state_dir.clone()),
             identity: Arc::new(Identity::new(&config.default_user)),
             env: Arc::new(EnvStore::new()),
@@ -72,6 +81,23 @@ impl AppState {
             )),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
+        }
+    }
+}
+
+/// Opens the upload journal in `dir`; without one (unwritable, or another daemon's), uploads
+/// are still atomic, only a crash's temp files are not cleaned up by the next start.
+fn open_journal(dir: &std::path::Path) -> Option<Arc<Journal>> {
+    match Journal::open(dir) {
+        Ok((journal, sweep)) => {
+            if sweep.entries > 0 {
+                tracing::info!(dir = %dir.display(), unfinished = sweep.entries, removed = sweep.removed, "cleaned up uploads a previous run left unfinished");
+            }
+            Some(Arc::new(journal))
+        }
+        Err(err) => {
+            tracing::warn!(dir = %dir.display(), %err, "no upload journal: temp files of uploads interrupted by a crash will not be removed at the next start");
+            None
         }
     }
 }

@@ -144,7 +144,7 @@ async fn malformed_and_oversized_bodies_are_400() {
     let deep = format!("{{\"x\":{}{}}}", "[".repeat(64), "]".repeat(64));
     let huge = format!(
         "{{\"envVars\":{{\"BIG\":\"{}\"}}}}",
-        "x".repeat(envd::http::init::MAX_INIT_BODY_BYTES)
+        "x".repeat(envd::limits::DEFAULT_MAX_JSON_BODY_BYTES)
     );
     let cases: Vec<(&str, String)> = vec![
         ("truncated", "{\"envVars\":".into()),

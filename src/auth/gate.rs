@@ -93,4 +93,47 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn paths() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "/health",
+                    "/files",
+                    "/files/metadata",
+                    "/init",
+                    "/envs",
+                    "/metrics",
+                    "/filesystem.Filesystem/Stat",
+                ])
+                .prop_map(str::to_owned),
+                ".{0,20}",
+            ]
+        }
+
+        proptest! {
+            /// With a token in force, a request passes exactly when its route is exempt or
+            /// it presents the token, byte for byte (another case is another token).
+            #[test]
+            fn the_gate_admits_exactly_the_token_or_an_exemption(
+                method in prop::sample::select(vec![Method::GET, Method::POST, Method::PATCH, Method::HEAD, Method::PUT]),
+                path in paths(),
+                presented in prop::option::of(prop_oneof![
+                    Just(b"Tok-9".to_vec()),
+                    Just(b"tok-9".to_vec()),
+                    Just(b"TOK-9".to_vec()),
+                    prop::collection::vec(any::<u8>(), 0..8),
+                ]),
+            ) {
+                let locked = TokenStore::default();
+                locked.replace(Some(AccessToken::new("Tok-9").expect("token")));
+                let admitted = check(&locked, &method, &path, presented.as_deref()).is_ok();
+                let want = is_exempt(&method, &path) || presented.as_deref() == Some(&b"Tok-9"[..]);
+                prop_assert_eq!(admitted, want);
+            }
+        }
+    }
 }

@@ -284,4 +284,87 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use crate::auth::token::AccessToken;
+        use proptest::prelude::*;
+
+        fn operation() -> impl Strategy<Value = Operation> {
+            prop_oneof![Just(Operation::Read), Just(Operation::Write)]
+        }
+
+        /// (path, operation, username, expiration). Paths may hold `:`; user names cannot
+        /// (`:` separates the fields of /etc/passwd, so no such user exists).
+        fn grant() -> impl Strategy<Value = (String, Operation, String, Option<i64>)> {
+            (
+                prop_oneof![".{0,20}", "/[a-z:/]{0,12}"],
+                operation(),
+                "[^:]{0,8}",
+                prop::option::of(prop_oneof![any::<i64>(), 0i64..2_000_000_000]),
+            )
+        }
+
+        proptest! {
+            /// A signed URL grants exactly what it was signed for: the same path, operation,
+            /// user and expiration verify; with any one of them (or all) changed, refused.
+            #[test]
+            fn a_signature_grants_only_its_own_path_operation_and_user(
+                token in "[^:]{1,24}",
+                signed in grant(),
+                other in grant(),
+                change in 0usize..6,
+            ) {
+                let tokens = TokenStore::default();
+                tokens.replace(Some(AccessToken::new(token.clone()).expect("token")));
+                let (path, op, user, expiration) = signed.clone();
+                let used = match change {
+                    0 => signed.clone(),
+                    1 => (other.0, op, user, expiration),
+                    2 => (path, other.1, user, expiration),
+                    3 => (path, op, other.2, expiration),
+                    4 => (path, op, user, other.3),
+                    _ => other,
+                };
+                let signature = sign(&signed.0, signed.1, &signed.2, &token, signed.3);
+                let access = FileAccess {
+                    header_token: None,
+                    path: &used.0,
+                    username: &used.2,
+                    signature: Some(&signature),
+                    expiration: used.3,
+                };
+                // Before every expiration, so that only the grant decides.
+                let got = check(&tokens, &access, used.1, i64::MIN);
+                prop_assert_eq!(got.is_ok(), signed == used, "{:?} used as {:?}", signed, used);
+            }
+
+            /// Any request at all is decided without a panic; a header token that is not
+            /// the token is refused whatever the signature says.
+            #[test]
+            fn any_request_is_decided(
+                header in prop::option::of(prop::collection::vec(any::<u8>(), 0..16)),
+                path in ".{0,16}",
+                user in ".{0,8}",
+                signature in prop::option::of(".{0,50}"),
+                expiration in prop::option::of(any::<i64>()),
+                op in operation(),
+                now in any::<i64>(),
+            ) {
+                let tokens = TokenStore::default();
+                tokens.replace(Some(AccessToken::new("tok").expect("token")));
+                let access = FileAccess {
+                    header_token: header.as_deref(),
+                    path: &path,
+                    username: &user,
+                    signature: signature.as_deref(),
+                    expiration,
+                };
+                let got = check(&tokens, &access, op, now);
+                if let Some(header) = header.as_deref().filter(|h| !h.is_empty()) {
+                    prop_assert_eq!(got.is_ok(), header == b"tok");
+                }
+            }
+        }
+    }
 }

@@ -20,7 +20,25 @@ pub const RESET_MESSAGE: &str = "access token reset not authorized";
 
 /// A non-empty access token.
 #[derive(Clone)]
-pub struct AccessToken(String);
+pub struct AccessToken {
+    secret: String,
+    /// SHA-256 of the secret, computed once: a comparison hashes only the candidate, so the
+    /// time it takes depends on the candidate alone, never on the token.
+    digest: [u8; 32],
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Calls of [`digests_equal`] on this thread, for the code-path test.
+    static COMPARISONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The one place a presented secret is compared: two fixed-size digests, in constant time.
+fn digests_equal(want: &[u8; 32], got: &[u8; 32]) -> bool {
+    #[cfg(test)]
+    COMPARISONS.with(|count| count.set(count.get() + 1));
+    want.ct_eq(got).into()
+}
 
 impl AccessToken {
     /// Wraps a token.
@@ -34,20 +52,23 @@ impl AccessToken {
                 "accessToken must not be empty".into(),
             ));
         }
-        Ok(AccessToken(token))
+        let digest = Sha256::digest(token.as_bytes()).into();
+        Ok(AccessToken {
+            secret: token,
+            digest,
+        })
     }
 
-    /// True when `candidate` is this token. Constant time: both sides are hashed first, so
-    /// neither the content nor the length of the token shows in the time taken.
+    /// True when `candidate` is this token. Constant time: the candidate is hashed and the
+    /// digests compared in constant time, so neither the content nor the length of the
+    /// token shows in the time taken, and there is no early exit (not even on length).
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        let want = Sha256::digest(self.0.as_bytes());
-        let got = Sha256::digest(candidate);
-        want[..].ct_eq(&got[..]).into()
+        digests_equal(&self.digest, &Sha256::digest(candidate).into())
     }
 
     /// The secret itself, for computing URL signatures. Never log it.
     pub fn expose_secret(&self) -> &str {
-        &self.0
+        &self.secret
     }
 }
 
@@ -197,6 +218,35 @@ mod tests {
         assert!(AccessToken::new("").is_err());
     }
 
+    /// Every refusal, whatever the wrong token looks like, takes the same path: one
+    /// constant-time comparison of two 32-byte digests, and nothing before it that could
+    /// return early (no length check, no byte-by-byte compare).
+    #[test]
+    fn every_comparison_is_one_constant_time_digest_compare() {
+        let secret = "Tok-3f9a-ABCD";
+        let store = TokenStore::default();
+        store.replace(Some(token(secret)));
+        let long = secret.repeat(100);
+        let candidates: [&[u8]; 9] = [
+            b"",
+            b"T",
+            b"Tok-3f9a-ABC",
+            b"Tok-3f9a-ABCE",
+            b"xok-3f9a-ABCD",
+            b"tok-3f9a-abcd",
+            b"TOK-3F9A-ABCD",
+            b"Tok-3f9a-ABCD ",
+            long.as_bytes(),
+        ];
+        for candidate in candidates.into_iter().chain([secret.as_bytes()]) {
+            let before = COMPARISONS.with(std::cell::Cell::get);
+            let admitted = store.admits(Some(candidate));
+            assert_eq!(admitted, candidate == secret.as_bytes(), "{candidate:?}");
+            let compared = COMPARISONS.with(std::cell::Cell::get) - before;
+            assert_eq!(compared, 1, "{candidate:?} took another path");
+        }
+    }
+
     #[test]
     fn the_store_admits_anyone_until_a_token_is_set() {
         let store = TokenStore::default();
@@ -253,6 +303,22 @@ mod tests {
         authorize_change(None, Some(&a), &Published(String::new()))
             .await
             .expect("first-time setup");
+    }
+
+    proptest::proptest! {
+        /// A candidate matches exactly when it is the token, byte for byte (so a token
+        /// differing only in case, or by a prefix or suffix, never does).
+        #[test]
+        fn matches_is_byte_equality(
+            secret in "[ -~]{1,40}",
+            candidate in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48),
+        ) {
+            let token = token(&secret);
+            proptest::prop_assert_eq!(token.matches(&candidate), candidate == secret.as_bytes());
+            proptest::prop_assert!(token.matches(secret.as_bytes()));
+            let flipped: String = secret.chars().map(|c| if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() }).collect();
+            proptest::prop_assert_eq!(token.matches(flipped.as_bytes()), flipped == secret);
+        }
     }
 
     #[test]

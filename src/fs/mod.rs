@@ -4,6 +4,7 @@
 
 pub mod dirs;
 pub mod entry;
+pub mod journal;
 pub mod metadata;
 pub mod ops;
 pub mod owner;

@@ -122,4 +122,73 @@ mod tests {
             assert_eq!(clean(Path::new(input)), PathBuf::from(want), "{input:?}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Path-like strings: separators, dots, tildes, backslashes and any other text.
+        fn path_text() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    Just("/".to_owned()),
+                    Just(".".to_owned()),
+                    Just("..".to_owned()),
+                    Just("~".to_owned()),
+                    Just("\\".to_owned()),
+                    "[a-z]{1,3}",
+                    any::<String>(),
+                ],
+                0..10,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            /// Resolution never panics; only `~name` is refused; an absolute path is taken
+            /// as given; anything else ends up absolute and clean (no `.`, `..` or empty
+            /// components), as Go's `Clean` leaves it.
+            #[test]
+            fn resolution_is_total_and_clean(input in path_text(), workdir in prop::option::of(path_text())) {
+                let home = Path::new("/home/user");
+                let Ok(resolved) = resolve(&input, home, workdir.as_deref().map(Path::new)) else {
+                    let effective = match (&workdir, input.is_empty()) {
+                        (Some(dir), true) => dir.as_str(),
+                        _ => input.as_str(),
+                    };
+                    let rest = effective.strip_prefix('~');
+                    prop_assert!(
+                        rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/') && !r.starts_with('\\')),
+                        "only ~name is refused: {effective:?}"
+                    );
+                    return Ok(());
+                };
+                prop_assert!(resolved.is_absolute(), "{resolved:?}");
+                let text = resolved.to_string_lossy().into_owned();
+                let effective = match (&workdir, input.is_empty()) {
+                    (Some(dir), true) => dir.clone(),
+                    _ => input.clone(),
+                };
+                if effective.starts_with('/') {
+                    prop_assert_eq!(text, effective);
+                } else {
+                    prop_assert!(
+                        text == "/" || text.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != ".."),
+                        "not clean: {text:?}"
+                    );
+                }
+            }
+
+            /// `clean` is idempotent and never climbs above the root.
+            #[test]
+            fn clean_is_idempotent(input in path_text()) {
+                let once = clean(Path::new(&input));
+                prop_assert_eq!(clean(&once), once.clone());
+                if input.starts_with('/') {
+                    prop_assert!(once.to_string_lossy().starts_with('/'));
+                    prop_assert!(!once.components().any(|c| c == std::path::Component::ParentDir));
+                }
+            }
+        }
+    }
 }

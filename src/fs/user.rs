@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use nix::errno::Errno;
 use nix::unistd::{Gid, Group, Uid};
+
+use crate::error::{Error, Result};
 
 /// A system user, as far as the daemon needs one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,18 +23,33 @@ pub struct User {
 }
 
 impl User {
-    /// Looks a user up by name. `None` when there is no such user (or the name is empty).
-    pub fn lookup(name: &str) -> Option<User> {
+    /// Looks a user up by name. `Ok(None)` when there is no such user (or the name is
+    /// empty).
+    ///
+    /// # Errors
+    /// When the user database cannot be read for lack of resources (no descriptor or memory
+    /// left, an I/O error): the user may well exist, so that is not "unknown user".
+    pub fn lookup(name: &str) -> Result<Option<User>> {
         if name.is_empty() || name.contains('\0') {
-            return None;
+            return Ok(None);
         }
-        let user = nix::unistd::User::from_name(name).ok().flatten()?;
-        Some(User {
+        let user = match nix::unistd::User::from_name(name) {
+            Ok(user) => user,
+            Err(errno @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM | Errno::EIO)) => {
+                return Err(Error::io(
+                    format!("error looking up user '{name}'"),
+                    std::io::Error::from(errno),
+                ));
+            }
+            // Some NSS modules report "no such user" as an error (ENOENT, ESRCH, ...).
+            Err(_) => None,
+        };
+        Ok(user.map(|user| User {
             name: user.name,
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
             home: user.dir,
-        })
+        }))
     }
 }
 
@@ -77,11 +95,13 @@ mod tests {
 
     #[test]
     fn root_exists_and_unknown_users_do_not() {
-        let root = User::lookup("root").expect("root is in every passwd");
+        let root = User::lookup("root")
+            .expect("readable")
+            .expect("root is in every passwd");
         assert_eq!(root.uid, 0);
-        assert!(User::lookup("no-such-user-envd-test").is_none());
-        assert!(User::lookup("").is_none());
-        assert!(User::lookup("ro\0ot").is_none());
+        for name in ["no-such-user-envd-test", "", "ro\0ot"] {
+            assert!(User::lookup(name).expect("readable").is_none(), "{name:?}");
+        }
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! new one, each with its own metadata, never a mix or a fragment. A failed or abandoned
 //! upload removes its temp file and leaves the target untouched.
 //!
+//! Every temp file is recorded in the upload journal ([`crate::fs::journal`]) from before
+//! it exists until after it is renamed or removed, so a crash of the daemon leaves nothing
+//! that the next start does not remove.
+//!
 //! Targets that cannot be replaced by a rename (devices, fifos, files on proc/sysfs-like
 //! pseudo filesystems) are written in place, as envd does.
 
@@ -18,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{Error, Result, is_no_space};
 use crate::fs::dirs;
 use crate::fs::entry::is_special;
+use crate::fs::journal::{Entry, Journal};
 use crate::fs::metadata::{self, Metadata, Source};
 use crate::fs::owner;
 use crate::fs::user::User;
@@ -56,17 +61,25 @@ pub struct Upload {
     written: u64,
     /// Declared body length, for the "attempted to write N bytes" message.
     declared_len: Option<u64>,
+    /// The temp file's journal entry. Declared after everything that can hold the temp
+    /// file, so that it is removed (on drop) only after the temp file is gone.
+    _entry: Option<Entry>,
 }
 
 impl Upload {
     /// Starts an upload to `path` (already resolved), creating missing parent directories
-    /// owned by `owner`.
+    /// owned by `owner`, and recording its temp file in `journal`.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when the target is a directory,
     /// [`Error::PermissionDenied`] when the daemon (not root) cannot give the file to
     /// `owner`, 507 when no inode is left, [`Error::Io`] when the file cannot be created.
-    pub fn begin(path: &Path, owner: &User, declared_len: Option<u64>) -> Result<Upload> {
+    pub fn begin(
+        path: &Path,
+        owner: &User,
+        declared_len: Option<u64>,
+        journal: Option<&Journal>,
+    ) -> Result<Upload> {
         owner::ensure_can_own(owner, path)?;
         dirs::ensure_parent(path, owner)?;
         let target = follow_symlinks(path)?;
@@ -95,7 +108,7 @@ impl Upload {
                 Error::io(format!("error opening file {}", target.display()), err)
             }
         };
-        let (file, temp) = if in_place {
+        let (file, temp, entry) = if in_place {
             let file = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -103,16 +116,17 @@ impl Upload {
                 .mode(NEW_FILE_MODE)
                 .open(&target)
                 .map_err(open_error)?;
-            (file, None)
+            (file, None, None)
         } else {
             let temp = temp_path(&target);
+            let entry = journal.and_then(|journal| journal.record(&temp));
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(NEW_FILE_MODE)
                 .open(&temp)
                 .map_err(open_error)?;
-            (file, Some(temp))
+            (file, Some(temp), entry)
         };
         Ok(Upload {
             file,
@@ -123,6 +137,7 @@ impl Upload {
             owner: owner.clone(),
             written: 0,
             declared_len,
+            _entry: entry,
         })
     }
 
@@ -277,12 +292,12 @@ mod tests {
     fn commit_replaces_content_and_keeps_mode() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/f.txt");
-        let mut up = Upload::begin(&path, &me(), None).expect("begin");
+        let mut up = Upload::begin(&path, &me(), None, None).expect("begin");
         up.write_all(b"one").expect("write");
         up.commit(&Metadata::new()).expect("commit");
         assert_eq!(std::fs::read(&path).expect("read"), b"one");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let mut up = Upload::begin(&path, &me(), None).expect("begin");
+        let mut up = Upload::begin(&path, &me(), None, None).expect("begin");
         up.write_all(b"two").expect("write");
         // Not yet published: readers still see the old content.
         assert_eq!(std::fs::read(&path).expect("read"), b"one");
@@ -300,7 +315,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("f");
         std::fs::write(&path, b"old").expect("write");
-        let mut up = Upload::begin(&path, &me(), None).expect("begin");
+        let mut up = Upload::begin(&path, &me(), None, None).expect("begin");
         up.write_all(b"partial").expect("write");
         assert_eq!(leftovers(dir.path()).len(), 1);
         drop(up);
@@ -315,7 +330,7 @@ mod tests {
         std::fs::write(&real, b"old").expect("write");
         let link = dir.path().join("link");
         symlink("real", &link).expect("symlink");
-        let mut up = Upload::begin(&link, &me(), None).expect("begin");
+        let mut up = Upload::begin(&link, &me(), None, None).expect("begin");
         up.write_all(b"new").expect("write");
         up.commit(&Metadata::new()).expect("commit");
         assert!(
@@ -328,17 +343,17 @@ mod tests {
 
         let dangling = dir.path().join("dangling");
         symlink(dir.path().join("created-by-upload"), &dangling).expect("symlink");
-        let up = Upload::begin(&dangling, &me(), None).expect("begin");
+        let up = Upload::begin(&dangling, &me(), None, None).expect("begin");
         up.commit(&Metadata::new()).expect("commit");
         assert!(dir.path().join("created-by-upload").is_file());
 
-        let err = Upload::begin(dir.path(), &me(), None).expect_err("directory");
+        let err = Upload::begin(dir.path(), &me(), None, None).expect_err("directory");
         assert!(matches!(err, Error::InvalidArgument(_)));
     }
 
     #[test]
     fn special_files_are_written_in_place() {
-        let up = Upload::begin(Path::new("/dev/null"), &me(), None);
+        let up = Upload::begin(Path::new("/dev/null"), &me(), None, None);
         if nix::unistd::getuid().is_root() {
             let mut up = up.expect("begin /dev/null");
             up.write_all(b"discarded").expect("write");

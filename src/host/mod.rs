@@ -1,8 +1,10 @@
-//! The machine the daemon runs on: its clock, its certificate trust store and its load.
-//! Transport-free. Functions that touch files block; callers run them off the runtime.
+//! The machine the daemon runs on: its clock, its certificate trust store, its load, and
+//! the daemon's own descriptor budget on it. Transport-free. Functions that touch files
+//! block; callers run them off the runtime.
 
 pub mod ca;
 pub mod clock;
+pub mod descriptors;
 pub mod metrics;
 
 /// True when the daemon runs as root (effective uid 0), which setting the clock, writing

@@ -13,17 +13,12 @@ use serde::{Deserialize, Deserializer};
 use crate::auth::token::AccessToken;
 use crate::error::{Error, Result};
 use crate::init::{self, InitRequest};
+use crate::limits::Limits;
 use crate::state::AppState;
 
 /// The envd version this daemon is wire-compatible with, sent as `X-Envd-Version` so a
 /// control plane that gates features on it treats this daemon as that envd.
 pub const COMPATIBLE_ENVD_VERSION: &str = "0.6.13";
-/// Largest `/init` body accepted: room for a full CA bundle (a few hundred KiB) and
-/// thousands of environment variables, small enough that a hostile body cannot hurt.
-pub const MAX_INIT_BODY_BYTES: usize = 2 * 1024 * 1024;
-/// Deepest nesting of arrays and objects accepted in an `/init` body. The schema needs 3
-/// (`volumeMounts`: object → array → object); the slack leaves room for unknown fields.
-pub const MAX_INIT_NESTING: usize = 8;
 
 /// Serves `POST /init`.
 pub async fn init(State(state): State<AppState>, body: Body) -> Response {
@@ -46,12 +41,17 @@ pub async fn init(State(state): State<AppState>, body: Body) -> Response {
 }
 
 async fn serve(state: &AppState, body: Body) -> Result<init::Outcome> {
-    let body = to_bytes(body, MAX_INIT_BODY_BYTES).await.map_err(|err| {
-        Error::InvalidArgument(format!(
-            "error reading the request body (at most {MAX_INIT_BODY_BYTES} bytes): {err}"
-        ))
-    })?;
-    let request = parse(&body)?;
+    let limits = &state.config.limits;
+    let max = limits.max_json_body_bytes;
+    let body = to_bytes(body, max)
+        .await
+        .map_err(|err| match Error::reading_body(&err) {
+            stalled @ Error::TimedOut(_) => stalled,
+            _ => Error::InvalidArgument(format!(
+                "error reading the request body (at most {max} bytes): {err}"
+            )),
+        })?;
+    let request = parse(&body, limits)?;
     init::init(state, request).await
 }
 
@@ -72,17 +72,15 @@ struct InitBody {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when the body is not a JSON object of the expected shape,
-/// nests deeper than [`MAX_INIT_NESTING`], carries an empty, escaped or non-string
+/// nests deeper than `--max-json-nesting`, carries an empty, escaped or non-string
 /// `accessToken`, or a `timestamp` that is not RFC 3339.
-pub fn parse(body: &[u8]) -> Result<InitRequest> {
+pub fn parse(body: &[u8], limits: &Limits) -> Result<InitRequest> {
     if body.is_empty() {
         return Ok(InitRequest::default());
     }
-    if nesting(body) > MAX_INIT_NESTING {
-        return Err(Error::InvalidArgument(format!(
-            "error decoding the request body: nested deeper than {MAX_INIT_NESTING} levels"
-        )));
-    }
+    limits
+        .check_json_nesting(body)
+        .map_err(|err| Error::InvalidArgument(format!("error decoding the request body: {err}")))?;
     let parsed: Option<InitBody> = serde_json::from_slice(body)
         .map_err(|err| Error::InvalidArgument(format!("error decoding the request body: {err}")))?;
     let parsed = parsed.unwrap_or_default();
@@ -123,34 +121,6 @@ fn strict_token<'de, D: Deserializer<'de>>(
     .transpose()
 }
 
-/// The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not
-/// count). Checked before parsing, so a hostile body cannot make the parser recurse.
-fn nesting(json: &[u8]) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for &byte in json {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    deepest
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +138,7 @@ mod tests {
             "hyperloopIP": "10.0.0.1",
             "futureField": {"nested": [1, 2]}
         }"#;
-        let request = parse(body).expect("parse");
+        let request = parse(body, &Limits::default()).expect("parse");
         assert!(request.access_token.expect("token").matches(b"tok"));
         assert_eq!(request.timestamp, Some(1_714_979_289_123_456_789));
         let vars = request.env_vars.expect("vars");
@@ -186,7 +156,8 @@ mod tests {
             b"{}",
             br#"{"accessToken": null, "envVars": null}"#,
         ] {
-            let request = parse(body).unwrap_or_else(|err| panic!("{body:?}: {err}"));
+            let request =
+                parse(body, &Limits::default()).unwrap_or_else(|err| panic!("{body:?}: {err}"));
             assert!(request.access_token.is_none());
             assert!(request.env_vars.is_none());
             assert!(request.timestamp.is_none());
@@ -214,7 +185,7 @@ mod tests {
             deep.as_bytes(),
         ];
         for body in cases {
-            let err = parse(body).expect_err(&String::from_utf8_lossy(body));
+            let err = parse(body, &Limits::default()).expect_err(&String::from_utf8_lossy(body));
             assert!(
                 matches!(err, Error::InvalidArgument(_)),
                 "{}: {err:?}",
@@ -224,16 +195,68 @@ mod tests {
         }
     }
 
-    #[test]
-    fn measures_nesting_outside_strings() {
-        for (json, want) in [
-            (&b"{}"[..], 1),
-            (b"{\"a\":[{}]}", 3),
-            (b"{\"a\":\"[[[[\"}", 1),
-            (b"{\"a\":\"\\\"[[\"}", 1),
-            (b"123", 0),
-        ] {
-            assert_eq!(nesting(json), want, "{}", String::from_utf8_lossy(json));
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON values of bounded size and depth.
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,12}".prop_map(serde_json::Value::from),
+                "[0-9T:.Z+-]{0,30}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(10, 48, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                    prop::collection::btree_map(".{0,8}", inner, 0..4)
+                        .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// `/init` bodies built from the real field names with values of any type.
+        fn init_body() -> impl Strategy<Value = serde_json::Value> {
+            prop::collection::btree_map(
+                prop::sample::select(vec![
+                    "accessToken",
+                    "timestamp",
+                    "envVars",
+                    "defaultUser",
+                    "defaultWorkdir",
+                    "caBundle",
+                    "volumeMounts",
+                    "other",
+                ])
+                .prop_map(str::to_owned),
+                json(),
+                0..6,
+            )
+            .prop_map(|map| serde_json::Value::Object(map.into_iter().collect()))
+        }
+
+        proptest! {
+            /// Any bytes: parsed or refused with a 400, never a panic.
+            #[test]
+            fn any_bytes_are_parsed_or_refused(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                if let Err(err) = parse(&body, &Limits::default()) {
+                    prop_assert!(matches!(err, Error::InvalidArgument(_)));
+                }
+            }
+
+            /// Bodies shaped like real ones, with wrong types and deep nesting: the same, and
+            /// anything nested deeper than the limit is refused before it is parsed.
+            #[test]
+            fn init_shaped_bodies_are_parsed_or_refused(body in init_body()) {
+                let text = serde_json::to_vec(&body).expect("serialize");
+                let limits = Limits::default();
+                match parse(&text, &limits) {
+                    Ok(_) => prop_assert!(crate::limits::json_nesting(&text) <= limits.max_json_nesting),
+                    Err(err) => prop_assert!(matches!(err, Error::InvalidArgument(_))),
+                }
+            }
         }
     }
 }

@@ -36,6 +36,7 @@ pub fn router(state: AppState, rpc: Rpc) -> Router {
             "/patches",
             get(patches::get_patches).post(patches::post_patches),
         )
+        .route("/metrics/envd", get(metrics::daemon_load))
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

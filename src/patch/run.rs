@@ -112,7 +112,7 @@ impl Tail {
 /// [`Error::NotFound`] for an unknown user; what [`spawn::spawn_direct`] or writing the script
 /// file fails with.
 pub async fn run(job: &Job) -> Result<Finished> {
-    let user = User::lookup(&job.user)
+    let user = User::lookup(&job.user)?
         .ok_or_else(|| Error::NotFound(format!("user '{}' does not exist", job.user)))?;
     let script = ScriptFile::write(job.sequence, &job.script, &user).await?;
     let (cmd, args) = command(&job.script, script.path());

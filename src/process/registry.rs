@@ -378,38 +378,41 @@ impl ProcessTable {
             tracing::warn!(%err, "output fan-out task failed");
         }
         let reason = process.reason(&exit);
-        process.hub.finish(exit.clone(), reason);
-        process.link.release().await;
-        let mut tables = self.lock();
-        if tables
-            .live
-            .get(&process.pid)
-            .is_some_and(|p| p.seq == process.seq)
+        // Recorded as exited before the end is sent: a client that sees the end and then
+        // lists or re-attaches finds the exit, never a process still "ending".
         {
-            tables.live.remove(&process.pid);
+            let mut tables = self.lock();
+            if tables
+                .live
+                .get(&process.pid)
+                .is_some_and(|p| p.seq == process.seq)
+            {
+                tables.live.remove(&process.pid);
+            }
+            tables.retained.insert(
+                process.pid,
+                Retained {
+                    seq: process.seq,
+                    tag: process.tag.clone(),
+                    config: process.config.clone(),
+                    exit: exit.clone(),
+                    reason,
+                },
+            );
         }
-        tables.retained.insert(
-            process.pid,
-            Retained {
-                seq: process.seq,
-                tag: process.tag.clone(),
-                config: process.config.clone(),
-                exit,
-                reason,
-            },
-        );
-        drop(tables);
+        process.hub.finish(exit, reason);
+        process.link.release().await;
         self.changed.send_modify(|n| *n += 1);
         let table = self.clone();
+        // Only the key is kept for the retention: the process itself (its stdin pipe or
+        // terminal, its output hub) is released now, not 30 s from now.
+        let (pid, seq) = (process.pid, process.seq);
+        drop(process);
         tokio::spawn(async move {
             tokio::time::sleep(EXIT_RETENTION).await;
             let mut tables = table.lock();
-            if tables
-                .retained
-                .get(&process.pid)
-                .is_some_and(|r| r.seq == process.seq)
-            {
-                tables.retained.remove(&process.pid);
+            if tables.retained.get(&pid).is_some_and(|r| r.seq == seq) {
+                tables.retained.remove(&pid);
             }
         });
     }

@@ -151,4 +151,104 @@ mod tests {
             assert_eq!(request.signal, pr::Signal::Sigkill as i32);
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Decodes `binary` as `M` and, when it decodes, checks that its canonical JSON is
+        /// read back by the method's decoder as the same message.
+        fn round_trip<M>(path: &str, binary: &[u8]) -> Result<(), TestCaseError>
+        where
+            M: Message + Serialize + DeserializeOwned + Default + PartialEq + std::fmt::Debug,
+        {
+            let method =
+                method(path).ok_or_else(|| TestCaseError::fail(format!("{path} listed")))?;
+            let Ok(message) = M::decode(binary) else {
+                return Ok(());
+            };
+            // Enum fields holding numbers no variant has cannot be written as JSON.
+            let Ok(json) = serde_json::to_vec(&message) else {
+                return Ok(());
+            };
+            let back = (method.request_from_json)(&json)
+                .map_err(|err| TestCaseError::fail(format!("{path}: {err}")))?;
+            prop_assert_eq!(M::decode(back.as_slice()).ok(), Some(message), "{}", path);
+            Ok(())
+        }
+
+        macro_rules! every_request {
+            ($binary:expr; $($path:literal => $request:ty,)*) => {{
+                let paths: &[&str] = &[$($path),*];
+                $(round_trip::<$request>($path, $binary)?;)*
+                paths
+            }};
+        }
+
+        proptest! {
+            /// For every method: arbitrary bytes as a binary request decode or fail cleanly,
+            /// and what decodes survives the trip through canonical JSON; arbitrary bytes as
+            /// a JSON request or a binary response transcode or fail cleanly.
+            #[test]
+            fn every_method_transcodes_any_input(binary in prop::collection::vec(any::<u8>(), 0..128)) {
+                let paths = every_request! { &binary;
+                    "/filesystem.Filesystem/Stat" => fs::StatRequest,
+                    "/filesystem.Filesystem/MakeDir" => fs::MakeDirRequest,
+                    "/filesystem.Filesystem/Move" => fs::MoveRequest,
+                    "/filesystem.Filesystem/ListDir" => fs::ListDirRequest,
+                    "/filesystem.Filesystem/Remove" => fs::RemoveRequest,
+                    "/filesystem.Filesystem/WatchDir" => fs::WatchDirRequest,
+                    "/filesystem.Filesystem/CreateWatcher" => fs::CreateWatcherRequest,
+                    "/filesystem.Filesystem/GetWatcherEvents" => fs::GetWatcherEventsRequest,
+                    "/filesystem.Filesystem/RemoveWatcher" => fs::RemoveWatcherRequest,
+                    "/process.Process/List" => pr::ListRequest,
+                    "/process.Process/Connect" => pr::ConnectRequest,
+                    "/process.Process/Start" => pr::StartRequest,
+                    "/process.Process/Update" => pr::UpdateRequest,
+                    "/process.Process/StreamInput" => pr::StreamInputRequest,
+                    "/process.Process/SendInput" => pr::SendInputRequest,
+                    "/process.Process/SendSignal" => pr::SendSignalRequest,
+                    "/process.Process/CloseStdin" => pr::CloseStdinRequest,
+                    "/envd_ext.Processes/List" => ext::ListProcessesRequest,
+                    "/envd_ext.Processes/SetTimeout" => ext::SetTimeoutRequest,
+                    "/envd_ext.Metadata/Patch" => ext::PatchMetadataRequest,
+                };
+                prop_assert_eq!(paths.len(), METHODS.len(), "every method is covered");
+                for path in paths {
+                    let method = method(path).expect("listed");
+                    let _ = (method.request_from_json)(&binary);
+                    let _ = (method.response_to_json)(&binary);
+                }
+            }
+
+            /// JSON-shaped requests with the real field names and values of any type.
+            #[test]
+            fn json_requests_transcode_or_fail_cleanly(
+                fields in prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "path", "depth", "source", "destination", "recursive", "process", "cmd",
+                        "args", "envs", "cwd", "pty", "size", "cols", "rows", "tag", "stdin",
+                        "input", "stdout", "signal", "pid", "watcherId", "timeoutMs", "set",
+                        "remove", "clear", "selector",
+                    ]).prop_map(str::to_owned),
+                    prop_oneof![
+                        Just(serde_json::Value::Null),
+                        any::<bool>().prop_map(serde_json::Value::from),
+                        any::<i64>().prop_map(serde_json::Value::from),
+                        any::<f64>().prop_map(serde_json::Value::from),
+                        ".{0,8}".prop_map(serde_json::Value::from),
+                        Just(serde_json::json!({"pid": 1, "tag": "t", "cmd": "x", "cols": 80})),
+                        Just(serde_json::json!(["a", 1, null])),
+                        Just(serde_json::json!({"a": "b"})),
+                    ],
+                    0..6,
+                ),
+            ) {
+                let json = serde_json::to_vec(&fields).expect("serialize");
+                for path in METHODS.keys() {
+                    let _ = (method(path).expect("listed").request_from_json)(&json);
+                }
+            }
+        }
+    }
 }

@@ -21,10 +21,30 @@ use crate::rpc::GrpcService;
 use crate::rpc::codec::{self, Kind, Method};
 use crate::rpc::envelope::{self, Decoder, FLAG_COMPRESSED, FLAG_END_STREAM};
 
-/// Largest single message (either direction) accepted or produced.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest response message the translation decodes from the services' gRPC frames. Request
+/// messages are bounded by [`MessageLimits`] instead (`--max-message-bytes`).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// Longest `Connect-Timeout-Ms` value the protocol allows (10 digits).
 const MAX_TIMEOUT_DIGITS: usize = 10;
+
+/// The bounds request messages are read with (see [`crate::limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimits {
+    /// Bytes of one message, after decompression.
+    pub max_bytes: usize,
+    /// Nesting of a JSON message.
+    pub max_json_nesting: usize,
+}
+
+impl MessageLimits {
+    /// The message limits of `limits`.
+    pub fn of(limits: &crate::limits::Limits) -> Self {
+        MessageLimits {
+            max_bytes: limits.max_message_bytes,
+            max_json_nesting: limits.max_json_nesting,
+        }
+    }
+}
 
 /// The wire form of Connect messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +84,12 @@ impl Shape {
 }
 
 /// Serves one Connect request through `grpc`.
-pub async fn serve(grpc: GrpcService, request: Request<Body>, shape: Shape) -> Response<Body> {
+pub async fn serve(
+    grpc: GrpcService,
+    request: Request<Body>,
+    shape: Shape,
+    limits: MessageLimits,
+) -> Response<Body> {
     let codec = match shape {
         Shape::Unary(codec) | Shape::Stream(codec) => codec,
     };
@@ -99,8 +124,8 @@ pub async fn serve(grpc: GrpcService, request: Request<Body>, shape: Shape) -> R
         Err(status) => return fail(status),
     };
     match shape {
-        Shape::Unary(_) => unary(grpc, request, method, codec, grpc_timeout).await,
-        Shape::Stream(_) => streaming(grpc, request, method, codec, grpc_timeout).await,
+        Shape::Unary(_) => unary(grpc, request, method, codec, grpc_timeout, limits).await,
+        Shape::Stream(_) => streaming(grpc, request, method, codec, grpc_timeout, limits).await,
     }
 }
 
@@ -171,28 +196,29 @@ async fn unary(
     method: &Method,
     codec: Codec,
     timeout: Option<HeaderValue>,
+    limits: MessageLimits,
 ) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let encoding = parts.headers.get(header::CONTENT_ENCODING).cloned();
-    let payload = match Limited::new(body, MAX_MESSAGE_BYTES).collect().await {
+    let payload = match Limited::new(body, limits.max_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) => {
             let status = if err
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
-                Status::resource_exhausted(format!("message exceeds {MAX_MESSAGE_BYTES} bytes"))
+                too_large(limits)
             } else {
-                Status::cancelled(format!("reading request: {err}"))
+                reading_failed(err.as_ref())
             };
             return unary_error(&status);
         }
     };
-    let payload = match decompress(encoding.as_ref(), payload) {
+    let payload = match decompress(encoding.as_ref(), payload, limits) {
         Ok(payload) => payload,
         Err(status) => return unary_error(&status),
     };
-    let binary = match to_binary(method, codec, &payload) {
+    let binary = match to_binary(method, codec, &payload, limits) {
         Ok(binary) => binary,
         Err(status) => return unary_error(&status),
     };
@@ -215,7 +241,7 @@ async fn unary(
         Some(status) => return unary_error(&status),
         None => return unary_error(&Status::internal("response ended without a status")),
     }
-    let mut decoder = Decoder::new(MAX_MESSAGE_BYTES);
+    let mut decoder = Decoder::new(MAX_RESPONSE_BYTES);
     decoder.push(&data);
     let message = match decoder.next_frame() {
         Ok(Some((_, message))) => message,
@@ -242,13 +268,14 @@ async fn streaming(
     method: &'static Method,
     codec: Codec,
     timeout: Option<HeaderValue>,
+    limits: MessageLimits,
 ) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let compressed = match stream_encoding(parts.headers.get("connect-content-encoding")) {
         Ok(compressed) => compressed,
         Err(status) => return stream_error_response(codec, &status),
     };
-    let frames = request_frames(body, method, codec, compressed);
+    let frames = request_frames(body, method, codec, compressed, limits);
     let body = tonic::body::Body::new(StreamBody::new(frames));
     let response = call(grpc, grpc_request(parts, body, timeout)).await;
     let (head, body) = response.into_parts();
@@ -266,6 +293,7 @@ fn request_frames(
     method: &'static Method,
     codec: Codec,
     compressed: bool,
+    limits: MessageLimits,
 ) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send + 'static {
     struct State {
         body: BodyStream<Body>,
@@ -274,7 +302,7 @@ fn request_frames(
     }
     let state = State {
         body: BodyStream::new(body),
-        decoder: Decoder::new(MAX_MESSAGE_BYTES),
+        decoder: Decoder::new(limits.max_bytes),
         done: false,
     };
     stream::unfold(state, move |mut state| async move {
@@ -296,12 +324,12 @@ fn request_frames(
                                 state,
                             ));
                         }
-                        gunzip(&payload)
+                        gunzip(&payload, limits)
                     } else {
                         Ok(payload)
                     };
                     let item = payload
-                        .and_then(|payload| to_binary(method, codec, &payload))
+                        .and_then(|payload| to_binary(method, codec, &payload, limits))
                         .map(|binary| Frame::data(envelope::encode(0, &binary)));
                     state.done = item.is_err();
                     return Some((item, state));
@@ -320,10 +348,7 @@ fn request_frames(
                 }
                 Some(Err(err)) => {
                     state.done = true;
-                    return Some((
-                        Err(Status::cancelled(format!("reading request: {err}"))),
-                        state,
-                    ));
+                    return Some((Err(reading_failed(&err)), state));
                 }
                 None => {
                     state.done = true;
@@ -351,7 +376,7 @@ fn response_envelopes(
     }
     let state = State {
         body: BodyStream::new(body),
-        decoder: Decoder::new(MAX_MESSAGE_BYTES),
+        decoder: Decoder::new(MAX_RESPONSE_BYTES),
         done: false,
     };
     stream::unfold(state, move |mut state| async move {
@@ -416,12 +441,38 @@ async fn call(
     }
 }
 
-fn to_binary(method: &Method, codec: Codec, payload: &[u8]) -> Result<Vec<u8>, Status> {
+fn to_binary(
+    method: &Method,
+    codec: Codec,
+    payload: &[u8],
+    limits: MessageLimits,
+) -> Result<Vec<u8>, Status> {
     match codec {
         Codec::Proto => Ok(payload.to_vec()),
-        Codec::Json => (method.request_from_json)(payload)
-            .map_err(|err| Status::invalid_argument(format!("unmarshal request: {err}"))),
+        Codec::Json => {
+            if crate::limits::json_nesting(payload) > limits.max_json_nesting {
+                return Err(Status::invalid_argument(format!(
+                    "unmarshal request: JSON nested deeper than {} levels",
+                    limits.max_json_nesting
+                )));
+            }
+            (method.request_from_json)(payload)
+                .map_err(|err| Status::invalid_argument(format!("unmarshal request: {err}")))
+        }
     }
+}
+
+/// The request body failed: a stall (`--body-idle-timeout-secs`) is `deadline_exceeded`,
+/// anything else (the client went away) `canceled`.
+fn reading_failed(err: &(dyn std::error::Error + 'static)) -> Status {
+    match crate::error::Error::reading_body(err) {
+        stalled @ crate::error::Error::TimedOut(_) => Status::from(stalled),
+        _ => Status::cancelled(format!("reading request: {err}")),
+    }
+}
+
+fn too_large(limits: MessageLimits) -> Status {
+    Status::resource_exhausted(format!("message exceeds {} bytes", limits.max_bytes))
 }
 
 fn from_binary(method: &Method, codec: Codec, message: Bytes) -> Result<Vec<u8>, Status> {
@@ -432,11 +483,15 @@ fn from_binary(method: &Method, codec: Codec, message: Bytes) -> Result<Vec<u8>,
     }
 }
 
-fn decompress(encoding: Option<&HeaderValue>, payload: Bytes) -> Result<Bytes, Status> {
+fn decompress(
+    encoding: Option<&HeaderValue>,
+    payload: Bytes,
+    limits: MessageLimits,
+) -> Result<Bytes, Status> {
     match encoding.map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase()) {
         None => Ok(payload),
         Some(e) if e.is_empty() || e == "identity" => Ok(payload),
-        Some(e) if e == "gzip" => gunzip(&payload),
+        Some(e) if e == "gzip" => gunzip(&payload, limits),
         Some(other) => Err(Status::unimplemented(format!(
             "unknown compression {other:?}: supported encodings are gzip, identity"
         ))),
@@ -454,16 +509,14 @@ fn stream_encoding(encoding: Option<&HeaderValue>) -> Result<bool, Status> {
     }
 }
 
-fn gunzip(payload: &[u8]) -> Result<Bytes, Status> {
+fn gunzip(payload: &[u8], limits: MessageLimits) -> Result<Bytes, Status> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(payload)
-        .take(MAX_MESSAGE_BYTES as u64 + 1)
+        .take(limits.max_bytes as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|err| Status::invalid_argument(format!("decompressing message: {err}")))?;
-    if out.len() > MAX_MESSAGE_BYTES {
-        return Err(Status::resource_exhausted(format!(
-            "message exceeds {MAX_MESSAGE_BYTES} bytes"
-        )));
+    if out.len() > limits.max_bytes {
+        return Err(too_large(limits));
     }
     Ok(out.into())
 }

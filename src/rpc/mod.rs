@@ -2,7 +2,8 @@
 //! them. gRPC reaches the services directly; gRPC-Web (tonic-web) and Connect
 //! ([`connect`]) are translations into gRPC. Every protocol passes through [`access`], the
 //! access-token gate, and [`lifetime`], which applies the call's deadline and the daemon's
-//! shutdown.
+//! shutdown. A panic anywhere behind that point is caught by the RPC guard
+//! ([`crate::panics`]) and becomes an `internal` status in the call's own protocol.
 
 pub mod access;
 pub mod codec;
@@ -25,6 +26,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
 use crate::error::Error;
+use crate::panics::guard::{CatchPanic, Grpc};
 use crate::proto::envd_ext::metadata_server::MetadataServer;
 use crate::proto::envd_ext::processes_server::ProcessesServer;
 use crate::proto::{
@@ -66,6 +68,9 @@ pub fn keepalive_interval(metadata: &tonic::metadata::MetadataMap) -> std::time:
 #[derive(Clone)]
 pub struct Rpc {
     grpc: GrpcService,
+    /// Bounds on request messages, for the Connect layer (tonic applies the same size
+    /// limit to gRPC and gRPC-Web itself).
+    limits: connect::MessageLimits,
 }
 
 impl Rpc {
@@ -81,20 +86,26 @@ impl Rpc {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         let table = state.processes.clone();
-        let routes = tonic::service::Routes::new(FilesystemServer::new(
-            filesystem::FilesystemService::new(state.clone()),
-        ))
-        .add_service(ProcessServer::new(process::ProcessService::new(
-            state.clone(),
-            table.clone(),
-        )))
-        .add_service(MetadataServer::new(ext_metadata::MetadataExt::new(
-            state.clone(),
-        )))
-        .add_service(ProcessesServer::new(ext_processes::ProcessesExt::new(
-            table,
-            state.config.max_process_timeout,
-        )))
+        let max_message = state.config.limits.max_message_bytes;
+        let routes = tonic::service::Routes::new(
+            FilesystemServer::new(filesystem::FilesystemService::new(state.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            ProcessServer::new(process::ProcessService::new(state.clone(), table.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            MetadataServer::new(ext_metadata::MetadataExt::new(state.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            ProcessesServer::new(ext_processes::ProcessesExt::new(
+                table,
+                state.config.max_process_timeout,
+            ))
+            .max_decoding_message_size(max_message),
+        )
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
         let services = GrpcService::new(routes);
@@ -112,8 +123,17 @@ impl Rpc {
                 Ok::<_, Infallible>(lifetime::call(services, request, shutdown).await)
             }
         });
+        #[cfg(debug_assertions)]
+        let grpc = GrpcService::new(grpc);
+        #[cfg(debug_assertions)]
+        let grpc = if crate::panics::fault::enabled() {
+            GrpcService::new(crate::panics::fault::Faults::<_, Grpc>::new(grpc, |_| true))
+        } else {
+            grpc
+        };
         Ok(Rpc {
-            grpc: GrpcService::new(grpc),
+            grpc: GrpcService::new(CatchPanic::<_, Grpc>::new(grpc)),
+            limits: connect::MessageLimits::of(&state.config.limits),
         })
     }
 
@@ -123,6 +143,14 @@ impl Rpc {
         let service = parts.next().unwrap_or("");
         let method = parts.next().unwrap_or("");
         service.contains('.') && !method.is_empty() && !method.contains('/')
+    }
+
+    /// True when the request of the RPC at `path` is a stream (client streaming, or the
+    /// bidirectional reflection service): such a request body may legitimately be quiet
+    /// for a long time, so it gets no idle timeout. False for REST paths.
+    pub fn request_is_stream(path: &str) -> bool {
+        Rpc::is_rpc_path(path)
+            && codec::method(path).is_none_or(|method| method.kind == codec::Kind::ClientStream)
     }
 
     /// Serves one RPC request by whichever protocol its content type names.
@@ -147,7 +175,7 @@ impl Rpc {
             };
         }
         match connect::Shape::from_content_type(&content_type) {
-            Some(shape) => connect::serve(self.grpc, request, shape).await,
+            Some(shape) => connect::serve(self.grpc, request, shape, self.limits).await,
             None => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported content type for an RPC: use gRPC, gRPC-Web or Connect",
@@ -171,5 +199,22 @@ mod tests {
         assert!(!Rpc::is_rpc_path("/health"));
         assert!(!Rpc::is_rpc_path("/filesystem.Filesystem/"));
         assert!(!Rpc::is_rpc_path("/a.b/c/d"));
+    }
+
+    #[test]
+    fn only_client_streams_have_streaming_requests() {
+        assert!(Rpc::request_is_stream("/process.Process/StreamInput"));
+        assert!(Rpc::request_is_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        ));
+        for path in [
+            "/process.Process/Start",
+            "/filesystem.Filesystem/Stat",
+            "/filesystem.Filesystem/WatchDir",
+            "/files",
+            "/init",
+        ] {
+            assert!(!Rpc::request_is_stream(path), "{path}");
+        }
     }
 }

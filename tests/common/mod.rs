@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -18,8 +18,22 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The upload journal the harness gave it (each daemon its own, so that one test's
+    /// daemon never cleans up another's uploads), removed with it.
+    _journal: Option<tempfile::TempDir>,
+    /// Where its stderr goes, when the test asked to read it.
+    log: Option<PathBuf>,
     /// The daemon's own state directory, unless the test chose one.
     state: Option<tempfile::TempDir>,
+}
+
+/// How to launch a daemon, beyond its arguments and environment.
+#[derive(Default)]
+pub struct Launch {
+    /// Send stderr to this file (read it with [`Daemon::log`]) instead of the test's.
+    pub log_to: Option<PathBuf>,
+    /// Start it with this `RLIMIT_NOFILE`, soft and hard, through `prlimit` (util-linux).
+    pub nofile: Option<u64>,
 }
 
 impl Daemon {
@@ -28,45 +42,70 @@ impl Daemon {
         Daemon::start_with(&[], &[])
     }
 
-    /// Starts the daemon with extra arguments and environment. Unless `args` name a
-    /// `--state-dir`, the daemon gets a fresh one of its own (daemons must not share one).
+    /// Starts the daemon with extra arguments and environment.
     pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
-        let state =
-            (!args.contains(&"--state-dir")).then(|| tempfile::tempdir().expect("state dir"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_envd"));
-        command.args(["--addr", "127.0.0.1", "--port", "0"]);
-        if let Some(state) = &state {
-            command.arg("--state-dir").arg(state.path());
-        }
+        Daemon::launch(args, envs, Launch::default())
+    }
+
+    /// Starts the daemon with extra arguments, environment and launch options. Without an
+    /// `--upload-journal-dir` among `args`, it gets a journal of its own.
+    pub fn launch(args: &[&str], envs: &[(&str, &str)], launch: Launch) -> Daemon {
+        let mut command = match launch.nofile {
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_envd"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_envd")),
+        };
         command
+            .args(["--addr", "127.0.0.1", "--port", "0"])
             .args(args)
             .env("ENVD_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        // Daemons must not share a state directory: each gets its own unless the test
+        // chose one.
+        let state = (!args.contains(&"--state-dir")).then(|| {
+            let dir = tempfile::tempdir().expect("state dir");
+            command.arg("--state-dir").arg(dir.path());
+            dir
+        });
+        let journal = if args.contains(&"--upload-journal-dir") {
+            None
+        } else {
+            let dir = tempfile::tempdir().expect("journal dir");
+            command.arg("--upload-journal-dir").arg(dir.path());
+            Some(dir)
+        };
         for (key, value) in envs {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("spawn envd");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the ready line");
-        let ready: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|err| panic!("ready line {line:?} is not JSON: {err}"));
-        assert_eq!(ready["event"], "listening", "{line}");
-        let addr: SocketAddr = ready["addr"]
-            .as_str()
-            .expect("addr")
-            .parse()
-            .expect("socket address");
-        Daemon {
-            child: Some(child),
-            addr,
-            base: format!("http://{addr}"),
-            state,
+        if let Some(path) = &launch.log_to {
+            command.stderr(std::fs::File::create(path).expect("log file"));
         }
+        let mut daemon = Daemon::spawned(command);
+        daemon._journal = journal;
+        daemon.log = launch.log_to;
+        daemon.state = state;
+        daemon
+    }
+
+    /// What the daemon wrote to stderr so far (started with [`Launch::log_to`]).
+    pub fn log(&self) -> String {
+        let path = self.log.as_ref().expect("started with a log file");
+        std::fs::read_to_string(path).expect("read the log")
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
     }
 
     /// The daemon's pid.
@@ -375,6 +414,8 @@ impl Daemon {
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_envd"))
             .args(["--addr", "127.0.0.1", "--port", "0"])
+            // Another user cannot write a journal in the test's directories.
+            .args(["--upload-journal-dir", ""])
             .arg("--state-dir")
             .arg(state.path())
             .args(args)
@@ -407,6 +448,8 @@ impl Daemon {
             child: Some(child),
             addr,
             base: format!("http://{addr}"),
+            _journal: None,
+            log: None,
             state: None,
         }
     }
@@ -482,4 +525,50 @@ pub fn basic_auth(user: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
     )
+}
+
+/// Polls `condition` every 5 ms until it holds, panicking after `limit`: for states that
+/// raise no event to wait on (counts under `/proc`, a process's CPU time).
+pub async fn wait_until(
+    what: &str,
+    limit: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(5));
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        ticks.tick().await;
+    }
+}
+
+impl Daemon {
+    /// Where each of the daemon's open descriptors points (`/proc/<pid>/fd`).
+    pub fn fds(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read the daemon's fds")
+            .filter_map(Result::ok)
+            .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+            .collect()
+    }
+
+    /// The daemon's threads (`/proc/<pid>/task`).
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .expect("read the daemon's threads")
+            .count()
+    }
+
+    /// CPU time the daemon has used, in clock ticks (user + system, `/proc/<pid>/stat`).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
 }

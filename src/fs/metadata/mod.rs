@@ -237,18 +237,27 @@ pub fn is_unsupported(err: &io::Error) -> bool {
 
 /// Extracts metadata from `X-Metadata-<key>` request headers: prefix matched
 /// case-insensitively, key lower-cased (HTTP names already are), the first value of a
-/// repeated header wins, a header named exactly `X-Metadata-` is ignored. The result is
-/// validated.
+/// repeated header wins, a header named exactly `X-Metadata-` is ignored. At most
+/// `max_headers` such headers (repeats and empty names included) are looked at. The result
+/// is validated.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when the set breaks the rules of [`validate`].
-pub fn from_headers(headers: &http::HeaderMap) -> Result<Metadata> {
+/// [`Error::InvalidArgument`] when there are more than `max_headers` metadata headers or
+/// the set breaks the rules of [`validate`].
+pub fn from_headers(headers: &http::HeaderMap, max_headers: usize) -> Result<Metadata> {
     const HEADER_PREFIX: &str = "x-metadata-";
     let mut raw: BTreeMap<String, &[u8]> = BTreeMap::new();
+    let mut seen = 0usize;
     for (name, value) in headers {
         let Some(key) = name.as_str().strip_prefix(HEADER_PREFIX) else {
             continue;
         };
+        seen += 1;
+        if seen > max_headers {
+            return Err(Error::InvalidArgument(format!(
+                "invalid metadata: more than {max_headers} X-Metadata-* headers"
+            )));
+        }
         if key.is_empty() {
             continue;
         }
@@ -325,7 +334,7 @@ mod tests {
         headers.append("x-metadata-", "ignored".parse().expect("value"));
         headers.append("x-metadata", "ignored".parse().expect("value"));
         headers.append("content-type", "text/plain".parse().expect("value"));
-        let metadata = from_headers(&headers).expect("valid");
+        let metadata = from_headers(&headers, 100).expect("valid");
         let want: Metadata = [("author", "first"), ("job-id", "42")]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -341,9 +350,74 @@ mod tests {
             http::HeaderValue::from_bytes(b"caf\xc3\xa9").expect("obs-text is a valid value"),
         );
         assert!(matches!(
-            from_headers(&headers),
+            from_headers(&headers, 100),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Header values as a client can send them: any byte HTTP allows in a value
+        /// (visible ASCII, space, tab, obs-text), so also bytes the rules refuse.
+        fn value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                "[ -~]{0,40}".prop_map(String::into_bytes),
+                prop::collection::vec(any::<u8>(), 0..40).prop_map(|bytes| {
+                    bytes
+                        .into_iter()
+                        .filter(|b| *b == b'\t' || *b >= 0x20 && *b != 0x7f)
+                        .collect()
+                }),
+                (0usize..5000).prop_map(|n| vec![b'v'; n]),
+            ]
+        }
+
+        proptest! {
+            /// `from_headers` agrees with a plain model of the rules: every metadata header
+            /// counts, the first value of a key wins, keys are lower-cased, and the set is
+            /// accepted exactly when it is within the count and passes `validate`.
+            #[test]
+            fn headers_follow_the_rules(
+                pairs in prop::collection::vec(("[A-Za-z0-9!#$%&'*+.^_`|~-]{0,12}", value()), 0..12),
+                max in 0usize..12,
+            ) {
+                let mut headers = http::HeaderMap::new();
+                headers.append("content-type", http::HeaderValue::from_static("text/plain"));
+                let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+                for (suffix, value) in &pairs {
+                    let name = http::HeaderName::try_from(format!("x-metadata-{suffix}")).expect("token");
+                    let value = http::HeaderValue::from_bytes(value).expect("allowed bytes");
+                    headers.append(name, value);
+                }
+                // HeaderMap groups values by name (first insertion order); the first value of
+                // a name is the first appended.
+                for (suffix, value) in &pairs {
+                    let key = suffix.to_ascii_lowercase();
+                    if !key.is_empty() {
+                        model.entry(key).or_insert_with(|| value.clone());
+                    }
+                }
+                let got = from_headers(&headers, max);
+                let valid = pairs.len() <= max
+                    && validate(model.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).is_ok();
+                match got {
+                    Ok(metadata) => {
+                        prop_assert!(valid);
+                        let want: Metadata = model
+                            .into_iter()
+                            .map(|(k, v)| (k, String::from_utf8(v).expect("printable ASCII")))
+                            .collect();
+                        prop_assert_eq!(metadata, want);
+                    }
+                    Err(err) => {
+                        prop_assert!(!valid, "refused a valid set: {err}");
+                        prop_assert!(matches!(err, Error::InvalidArgument(_)));
+                    }
+                }
+            }
+        }
     }
 
     fn xattrs_supported(dir: &Path) -> bool {

@@ -158,4 +158,45 @@ mod tests {
             assert_eq!(filename(header).as_deref(), want, "{header}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any `Content-Disposition` a client sends is read without a panic.
+            #[test]
+            fn any_header_is_read(header in ".{0,120}") {
+                let _ = filename(&header);
+            }
+
+            /// Structured headers with quotes, escapes and RFC 2231 values, too.
+            #[test]
+            fn structured_headers_are_read(
+                parts in prop::collection::vec(
+                    prop_oneof![
+                        Just(";".to_owned()),
+                        Just("=".to_owned()),
+                        Just("\"".to_owned()),
+                        Just("\\".to_owned()),
+                        Just("filename".to_owned()),
+                        Just("filename*".to_owned()),
+                        Just("utf-8''".to_owned()),
+                        "%[0-9A-Fa-f]{0,2}",
+                        ".{0,4}",
+                    ],
+                    0..16,
+                ),
+            ) {
+                let _ = filename(&format!("form-data{}", parts.concat()));
+            }
+
+            /// A download's header names the file so that the upload parser reads back the
+            /// same name, for any name without control characters.
+            #[test]
+            fn what_downloads_say_uploads_read(name in "[^\\p{Cc}]{1,30}") {
+                prop_assert_eq!(filename(&inline(&name)), Some(name));
+            }
+        }
+    }
 }

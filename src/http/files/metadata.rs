@@ -20,9 +20,6 @@ use crate::proto::filesystem as pb;
 use crate::rpc::blocking;
 use crate::state::AppState;
 
-/// Largest request body: a full metadata set is at most 4 KiB, with room for removals.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
 /// Serves `PATCH /files/metadata`.
 pub async fn patch_metadata(State(state): State<AppState>, request: Request) -> Response {
     match serve(state, request).await {
@@ -43,9 +40,13 @@ async fn serve(state: AppState, request: Request) -> Result<pb::EntryInfo, Error
         ));
     }
     let path = requester.resolve(&raw_path)?;
-    let body = to_bytes(request.into_body(), MAX_BODY_BYTES)
+    let limits = &state.config.limits;
+    let body = to_bytes(request.into_body(), limits.max_json_body_bytes)
         .await
-        .map_err(|err| Error::InvalidArgument(format!("error reading request body: {err}")))?;
+        .map_err(|err| Error::reading_body(&err))?;
+    limits
+        .check_json_nesting(&body)
+        .map_err(|err| Error::InvalidArgument(format!("invalid request body: {err}")))?;
     let patch = parse_body(&body)?;
     let entry = blocking(move || {
         let metadata = patch::apply_to(&path, &patch)?;

@@ -131,4 +131,38 @@ mod tests {
             assert_eq!(err.into_response().status(), StatusCode::BAD_REQUEST);
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any query string parses or is refused, without a panic.
+            #[test]
+            fn any_query_is_parsed_or_refused(query in ".{0,80}") {
+                let _ = FilesQuery::parse(Some(&query));
+            }
+
+            /// What a client encodes is what the daemon reads, whatever the characters.
+            #[test]
+            fn encoded_values_round_trip(
+                path in ".{0,30}",
+                username in ".{0,10}",
+                signature in ".{0,20}",
+                expiration in any::<i64>(),
+            ) {
+                let query = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("path", &path)
+                    .append_pair("username", &username)
+                    .append_pair("signature", &signature)
+                    .append_pair("signature_expiration", &expiration.to_string())
+                    .finish();
+                let parsed = FilesQuery::parse(Some(&query)).expect("well-formed");
+                prop_assert_eq!(parsed.path, Some(path));
+                prop_assert_eq!(parsed.username, Some(username));
+                prop_assert_eq!(parsed.signature, Some(signature));
+                prop_assert_eq!(parsed.signature_expiration, Some(expiration));
+            }
+        }
+    }
 }

@@ -1,9 +1,14 @@
 //! `POST /files`: multipart (every `file` part) or `application/octet-stream` uploads,
 //! optionally gzip-encoded, streamed to disk through [`crate::fs::write::Upload`].
+//!
+//! The body is read on the runtime and written on blocking threads one batch of chunks at a
+//! time, so an upload holds a blocking thread only while its data is being written: slow
+//! or stalled clients cannot pin the pool that every filesystem operation shares.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_compression::tokio::bufread::GzipDecoder;
 use axum::body::Body;
@@ -18,16 +23,21 @@ use tokio_util::io::{ReaderStream, StreamReader};
 use crate::auth::signature::Operation;
 use crate::error::Error;
 use crate::fs::entry::base_name;
+use crate::fs::journal::Journal;
 use crate::fs::metadata::{self, Metadata};
 use crate::fs::user::User;
 use crate::fs::write::Upload;
 use crate::http::files::encoding::{self, Coding};
 use crate::http::files::{FilesQuery, disposition};
 use crate::identity::Requester;
+use crate::rpc::blocking;
 use crate::state::AppState;
 
 /// Body chunks queued between the socket and the disk writer.
 const WRITE_QUEUE_DEPTH: usize = 16;
+/// Most bytes written in one trip to a blocking thread: the chunks that queued up while the
+/// previous batch was written, so a fast client costs few trips.
+const MAX_WRITE_BATCH: usize = 1024 * 1024;
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
 
@@ -78,7 +88,8 @@ async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, 
         .identity
         .for_files(query.username.as_deref())
         .map_err(IntoResponse::into_response)?;
-    let metadata = metadata::from_headers(&headers).map_err(IntoResponse::into_response)?;
+    let metadata = metadata::from_headers(&headers, state.config.limits.max_metadata_headers)
+        .map_err(IntoResponse::into_response)?;
     let declared_len =
         header_str(&headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     let content_type = header_str(&headers, header::CONTENT_TYPE)
@@ -95,6 +106,7 @@ async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, 
         requester,
         metadata,
         declared_len,
+        journal: state.uploads.clone(),
     };
     if media == "application/octet-stream" {
         let Some(raw_path) = query.path else {
@@ -127,6 +139,7 @@ struct Job {
     requester: Requester,
     metadata: Metadata,
     declared_len: Option<u64>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Job {
@@ -145,7 +158,7 @@ impl Job {
             let field = match form.next_field().await {
                 Ok(Some(field)) => field,
                 Ok(None) => break,
-                Err(err) => return Err(reject(format!("error reading form: {err}"))),
+                Err(err) => return Err(form_error(err).into_response()),
             };
             if field.name() != Some("file") {
                 continue;
@@ -186,9 +199,7 @@ impl Job {
                 }
                 return Err(reject(message));
             }
-            let stream: ByteStream = Box::pin(
-                field.map_err(|err| Error::InvalidArgument(format!("error reading form: {err}"))),
-            );
+            let stream: ByteStream = Box::pin(field.map_err(form_error));
             entries.push(
                 self.write(path, stream)
                     .await
@@ -201,16 +212,28 @@ impl Job {
     /// Streams one file to disk and publishes it with the request's metadata.
     async fn write(&self, path: PathBuf, mut body: ByteStream) -> Result<UploadedEntry, Error> {
         let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE_DEPTH);
-        let writer = spawn_writer(
-            path.clone(),
-            self.requester.user.clone(),
-            self.metadata.clone(),
-            self.declared_len,
-            rx,
-        );
+        let target = Target {
+            path: path.clone(),
+            owner: self.requester.user.clone(),
+            metadata: self.metadata.clone(),
+            declared_len: self.declared_len,
+            journal: self.journal.clone(),
+        };
+        // A task of its own: if this request is dropped (the client left), the writer still
+        // sees the channel close and discards the upload.
+        let writer = tokio::spawn(write_to_disk(target, rx));
         while let Some(chunk) = body.next().await {
-            // On a body error the sender is dropped unfinished: the writer discards the upload.
-            if tx.send(Piece::Data(chunk?)).await.is_err() {
+            let data = match chunk {
+                Ok(data) => data,
+                Err(err) => {
+                    // The sender is dropped unfinished, so the writer discards the upload;
+                    // waiting for it means no temp file outlives the answer.
+                    drop(tx);
+                    let _ = writer.await;
+                    return Err(err);
+                }
+            };
+            if tx.send(Piece::Data(data)).await.is_err() {
                 break; // The writer failed; its error is reported below.
             }
         }
@@ -233,26 +256,72 @@ enum Piece {
     End,
 }
 
-/// The disk side of an upload, on a blocking thread. The upload is published only after
-/// `End`; a closed channel without it (client gone, body error) discards it.
-fn spawn_writer(
+/// Where and how one file is written.
+struct Target {
     path: PathBuf,
     owner: User,
     metadata: Metadata,
     declared_len: Option<u64>,
+    journal: Option<Arc<Journal>>,
+}
+
+/// The disk side of an upload. Each batch of chunks is written on a blocking thread; the
+/// upload is published only after `End`, and a channel closed without it (client gone, body
+/// error) discards it.
+async fn write_to_disk(
+    target: Target,
     mut rx: mpsc::Receiver<Piece>,
-) -> tokio::task::JoinHandle<Result<Option<Metadata>, Error>> {
-    tokio::task::spawn_blocking(move || {
-        let mut upload = Upload::begin(&path, &owner, declared_len)?;
-        while let Some(piece) = rx.blocking_recv() {
-            match piece {
-                Piece::Data(data) => upload.write_all(&data)?,
-                Piece::End => return upload.commit(&metadata).map(Some),
+) -> Result<Option<Metadata>, Error> {
+    let Target {
+        path,
+        owner,
+        metadata,
+        declared_len,
+        journal,
+    } = target;
+    let mut upload =
+        blocking(move || Upload::begin(&path, &owner, declared_len, journal.as_deref())).await?;
+    loop {
+        let mut batch = match rx.recv().await {
+            Some(Piece::Data(data)) => vec![data],
+            Some(Piece::End) => return blocking(move || upload.commit(&metadata).map(Some)).await,
+            None => {
+                // Removing the temp file is a blocking syscall too.
+                return blocking(move || {
+                    tracing::debug!(written = upload.written(), "upload abandoned");
+                    drop(upload);
+                    Ok(None)
+                })
+                .await;
+            }
+        };
+        let mut size = batch[0].len();
+        let mut ended = false;
+        while size < MAX_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(Piece::Data(data)) => {
+                    size += data.len();
+                    batch.push(data);
+                }
+                Ok(Piece::End) => {
+                    ended = true;
+                    break;
+                }
+                Err(_) => break,
             }
         }
-        tracing::debug!(path = %path.display(), written = upload.written(), "upload abandoned");
-        Ok(None)
-    })
+        // On a write error the upload is dropped on the blocking thread (temp file removed).
+        upload = blocking(move || {
+            for data in &batch {
+                upload.write_all(data)?;
+            }
+            Ok(upload)
+        })
+        .await?;
+        if ended {
+            return blocking(move || upload.commit(&metadata).map(Some)).await;
+        }
+    }
 }
 
 /// The request body as a stream of bytes, gunzipped when it is gzip-encoded.
@@ -261,19 +330,29 @@ fn decoded_body(body: Body, coding: Coding) -> ByteStream {
         .into_data_stream()
         .map_err(|err| std::io::Error::other(err.into_inner()));
     match coding {
-        Coding::Identity => {
-            Box::pin(raw.map_err(|err| {
-                Error::InvalidArgument(format!("error reading request body: {err}"))
-            }))
-        }
+        Coding::Identity => Box::pin(raw.map_err(|err| Error::reading_body(&err))),
         Coding::Gzip => {
             let mut decoder = GzipDecoder::new(StreamReader::new(raw));
             decoder.multiple_members(true);
-            Box::pin(ReaderStream::new(decoder).map_err(|err| {
-                Error::InvalidArgument(format!("error decompressing request body: {err}"))
-            }))
+            Box::pin(
+                ReaderStream::new(decoder).map_err(|err| match Error::reading_body(&err) {
+                    stalled @ Error::TimedOut(_) => stalled,
+                    _ => Error::InvalidArgument(format!("error decompressing request body: {err}")),
+                }),
+            )
         }
     }
+}
+
+/// A multipart error: the body's own error when reading it failed (a stall stays a 408),
+/// else the form is malformed (400).
+fn form_error(err: multer::Error) -> Error {
+    if let multer::Error::StreamReadFailed(source) = &err {
+        if let Some(Error::TimedOut(message)) = source.downcast_ref::<Error>() {
+            return Error::TimedOut(message.clone());
+        }
+    }
+    Error::InvalidArgument(format!("error reading form: {err}"))
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
