@@ -234,7 +234,17 @@ impl Job {
                 }
             };
             if tx.send(Piece::Data(data)).await.is_err() {
-                break; // The writer failed; its error is reported below.
+                // The writer failed; its error is reported below. Read (and drop) a bounded
+                // rest of the body first: answering while the client is still sending makes
+                // the connection close under it, and it sees a broken pipe, not the error.
+                let mut drained = 0usize;
+                while drained < DRAIN_ON_ERROR_BYTES {
+                    match body.next().await {
+                        Some(Ok(rest)) => drained += rest.len(),
+                        _ => break,
+                    }
+                }
+                break;
             }
         }
         // A send error means the writer failed already; its result says why.
@@ -250,6 +260,10 @@ impl Job {
         })
     }
 }
+
+/// How much of a failed upload's remaining body is read and dropped so the client hears
+/// the error (past that, the connection is closed).
+const DRAIN_ON_ERROR_BYTES: usize = 1024 * 1024;
 
 enum Piece {
     Data(Bytes),
