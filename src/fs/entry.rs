@@ -78,17 +78,25 @@ pub fn describe_with(
     names: &mut NameCache,
 ) -> Result<EntryInfo> {
     let is_symlink = lstat.file_type().is_symlink();
-    let (kind, mode, symlink_target) = if is_symlink {
+    // `target`: the inode whose metadata is reported, when the caller's stat already names
+    // it (the entry itself, or a symlink's resolved target).
+    let (kind, mode, symlink_target, target) = if is_symlink {
         match std::fs::metadata(path) {
             Ok(target) => (
                 kind_of(&target),
                 target.permissions().mode() & 0o777,
                 Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())),
+                Some((target.dev(), target.ino())),
             ),
-            Err(_) => (FileKind::Unspecified, 0, Some(path.to_path_buf())),
+            Err(_) => (FileKind::Unspecified, 0, Some(path.to_path_buf()), None),
         }
     } else {
-        (kind_of(lstat), lstat.permissions().mode() & 0o777, None)
+        (
+            kind_of(lstat),
+            lstat.permissions().mode() & 0o777,
+            None,
+            Some((lstat.dev(), lstat.ino())),
+        )
     };
     let modified = lstat
         .modified()
@@ -106,7 +114,10 @@ pub fn describe_with(
         modified,
         symlink_target,
         is_symlink,
-        metadata: metadata::read_or_empty(path),
+        metadata: match target {
+            Some(identity) => metadata::read_or_empty_of(path, identity),
+            None => metadata::read_or_empty(path),
+        },
     })
 }
 

@@ -97,23 +97,35 @@ pub enum Source<'a> {
 /// The OS error for anything but "unsupported" (callers treat it as "no metadata").
 pub fn read(source: Source<'_>) -> io::Result<Metadata> {
     match source {
-        // A path may be renamed over between the lock and the read: retry until the inode
-        // read is the inode locked.
-        Source::Path(path) => loop {
+        Source::Path(path) => {
             let before = std::fs::metadata(path)?;
-            let guard = lock::read(before.dev(), before.ino());
-            let metadata = read_unlocked(source)?;
-            drop(guard);
-            let after = std::fs::metadata(path)?;
-            if (after.dev(), after.ino()) == (before.dev(), before.ino()) {
-                return Ok(metadata);
-            }
-        },
+            read_path_of(path, (before.dev(), before.ino()))
+        }
         Source::File(file) => {
             let stat = file.metadata()?;
             let _guard = lock::read(stat.dev(), stat.ino());
             read_unlocked(source)
         }
+    }
+}
+
+/// [`read`] by path for a caller that has just seen `path` (symlinks followed) as the inode
+/// `(dev, ino)`: a directory walk has its `stat` already, so this saves one per entry.
+///
+/// # Errors
+/// As [`read`].
+pub fn read_path_of(path: &Path, (mut dev, mut ino): (u64, u64)) -> io::Result<Metadata> {
+    // A path may be renamed over between the lock and the read: retry until the inode read
+    // is the inode locked. A failed check's `stat` is the next attempt's identity.
+    loop {
+        let guard = lock::read(dev, ino);
+        let metadata = read_unlocked(Source::Path(path))?;
+        drop(guard);
+        let after = std::fs::metadata(path)?;
+        if (after.dev(), after.ino()) == (dev, ino) {
+            return Ok(metadata);
+        }
+        (dev, ino) = (after.dev(), after.ino());
     }
 }
 
@@ -151,7 +163,16 @@ pub(super) fn read_unlocked(source: Source<'_>) -> io::Result<Metadata> {
 /// Reads metadata by path, treating any error as "no metadata" (with a debug log), as every
 /// `EntryInfo` builder does.
 pub fn read_or_empty(path: &Path) -> Metadata {
-    read(Source::Path(path)).unwrap_or_else(|err| {
+    or_empty(path, read(Source::Path(path)))
+}
+
+/// [`read_or_empty`] for a path just seen as the inode `(dev, ino)` (see [`read_path_of`]).
+pub fn read_or_empty_of(path: &Path, identity: (u64, u64)) -> Metadata {
+    or_empty(path, read_path_of(path, identity))
+}
+
+fn or_empty(path: &Path, read: io::Result<Metadata>) -> Metadata {
+    read.unwrap_or_else(|err| {
         tracing::debug!(path = %path.display(), %err, "reading metadata");
         Metadata::new()
     })
