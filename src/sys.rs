@@ -127,3 +127,18 @@ pub fn ignore_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }
+
+/// Caps glibc's malloc at `arenas` arenas. By default every thread that allocates gets an
+/// arena of its own (up to eight per core), and each keeps the memory freed into it: the
+/// blocking threads that write uploads and walk directories would each hold a few MiB for
+/// as long as the daemon lives. One arena per core keeps contention low and memory shared.
+pub fn limit_malloc_arenas(arenas: i32) {
+    // SAFETY: `mallopt` only sets a tunable of the allocator; called once at start, before
+    // the runtime's threads exist.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = arenas;
+}
