@@ -1,6 +1,7 @@
 //! Compiles `proto/` with protox (pure Rust, no system `protoc`), then generates the
 //! prost messages, the tonic services and the pbjson serde impls used by the Connect
-//! JSON codec. The descriptor set is also written out for gRPC server reflection.
+//! JSON codec. The descriptor set is also written out, without source info, for gRPC server
+//! reflection.
 
 use std::path::PathBuf;
 
@@ -18,6 +19,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     let descriptor_path = out_dir.join("descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
+    // What reflection serves: the same descriptors without source info (comments and
+    // locations), as protoc-gen-go embeds them in envd. With it, the two reflection
+    // services held hundreds of KiB of decoded locations for as long as the daemon ran.
+    let mut reflection = fds.clone();
+    for file in &mut reflection.file {
+        file.source_code_info = None;
+    }
+    std::fs::write(
+        out_dir.join("reflection.bin"),
+        prost::Message::encode_to_vec(&reflection),
+    )?;
 
     tonic_prost_build::configure()
         .build_client(true)

@@ -23,5 +23,6 @@ pub mod envd_ext {
     include!(concat!(env!("OUT_DIR"), "/envd_ext.serde.rs"));
 }
 
-/// Encoded `FileDescriptorSet` of everything in `proto/`, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+/// Encoded `FileDescriptorSet` of everything in `proto/`, for gRPC server reflection: source
+/// info (comments, locations) left out, as in the descriptors envd serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflection.bin"));
