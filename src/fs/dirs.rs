@@ -87,6 +87,7 @@ mod tests {
             uid,
             gid,
             home: PathBuf::from("/"),
+            shell: PathBuf::from("/bin/sh"),
         }
     }
 

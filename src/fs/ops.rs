@@ -75,11 +75,13 @@ fn walk(
         Err(err) if err.kind() == io::ErrorKind::NotFound && level > 1 => return Ok(()),
         Err(err) => return Err(read_error(err)),
     };
-    children.sort_unstable_by_key(std::fs::DirEntry::file_name);
+    // Each name is read once (a plain sort would build two per comparison).
+    children.sort_by_cached_key(std::fs::DirEntry::file_name);
     for child in children {
         let path = child.path();
         let shown = clean(&shown_dir.join(child.file_name()));
-        let lstat = match std::fs::symlink_metadata(&path) {
+        // `lstat` relative to the open directory: no walk of the whole path per entry.
+        let lstat = match child.metadata() {
             Ok(meta) => meta,
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
             Err(err) => return Err(read_error(err)),
@@ -190,6 +192,7 @@ mod tests {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             home: PathBuf::from("/"),
+            shell: PathBuf::from("/bin/sh"),
         }
     }
 

@@ -69,6 +69,7 @@ mod tests {
             uid,
             gid: uid,
             home: PathBuf::from("/"),
+            shell: PathBuf::from("/bin/sh"),
         }
     }
 

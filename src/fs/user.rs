@@ -20,6 +20,9 @@ pub struct User {
     pub gid: u32,
     /// Home directory: relative paths resolve against it.
     pub home: PathBuf,
+    /// Login shell (`SHELL` of the processes it starts), read in the same lookup so a
+    /// process start reads the user database once.
+    pub shell: PathBuf,
 }
 
 impl User {
@@ -49,6 +52,7 @@ impl User {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
             home: user.dir,
+            shell: user.shell,
         }))
     }
 }

@@ -276,6 +276,7 @@ mod tests {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             home: PathBuf::from("/"),
+            shell: PathBuf::from("/bin/sh"),
         }
     }
 

@@ -96,13 +96,10 @@ fn environment(spec: &Spec) -> BTreeMap<String, String> {
     );
     env.insert("USER".to_owned(), spec.user.name.clone());
     env.insert("LOGNAME".to_owned(), spec.user.name.clone());
-    if let Some(shell) = nix::unistd::User::from_name(&spec.user.name)
-        .ok()
-        .flatten()
-        .map(|u| u.shell)
-    {
-        env.insert("SHELL".to_owned(), shell.to_string_lossy().into_owned());
-    }
+    env.insert(
+        "SHELL".to_owned(),
+        spec.user.shell.to_string_lossy().into_owned(),
+    );
     env.extend(spec.base_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(spec.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
