@@ -21,7 +21,8 @@ use crate::persist::StateDir;
 use crate::persist::processes::{self as saved_file, SavedProcess};
 use crate::process::deadline::{Deadline, Deadlines, Expire};
 use crate::process::exit::Exit;
-use crate::process::keeper::client::{self, Link};
+use crate::process::keeper::KeeperSpec;
+use crate::process::keeper::client::{self, Link, Spare, StartError};
 use crate::process::output::{Ended, Hub, SOURCE_QUEUE, Subscription};
 use crate::process::spawn::{self, Spec};
 
@@ -168,10 +169,13 @@ pub struct ProcessTable {
     state_dir: Option<Arc<StateDir>>,
     /// Bumped on every change worth saving; the saver task writes the latest table.
     changed: watch::Sender<u64>,
-    /// Serializes saves, so an older snapshot never overwrites a newer one.
-    saving: tokio::sync::Mutex<()>,
+    /// Serializes saves, so an older snapshot never overwrites a newer one; holds the
+    /// `changed` version the file on disk is known to reflect.
+    saving: tokio::sync::Mutex<u64>,
     /// Names keeper sockets (with the daemon's pid, unique across restarts too).
     sockets: AtomicU64,
+    /// One keeper started ahead of the next process start (see [`Spare`]).
+    spare: Mutex<Option<Spare>>,
 }
 
 /// What `Connect` finds.
@@ -200,9 +204,11 @@ impl ProcessTable {
             keeper_dir,
             state_dir,
             changed,
-            saving: tokio::sync::Mutex::new(()),
+            saving: tokio::sync::Mutex::new(0),
             sockets: AtomicU64::new(0),
+            spare: Mutex::new(None),
         });
+        table.refill_spare();
         if table.state_dir.is_some() {
             tokio::spawn(save_on_change(
                 Arc::downgrade(&table),
@@ -279,7 +285,7 @@ impl ProcessTable {
     /// before any is read, so nothing it writes is lost. `deadline` bounds its life.
     ///
     /// # Errors
-    /// As [`spawn::keeper_spec`] and [`client::launch`].
+    /// As [`spawn::keeper_spec`] and [`Spare::start`].
     pub async fn start(
         self: &Arc<Self>,
         spec: &Spec,
@@ -288,8 +294,7 @@ impl ProcessTable {
         deadline: Option<Duration>,
     ) -> Result<(Arc<Process>, Subscription)> {
         let keeper_spec = spawn::keeper_spec(spec)?;
-        let socket = self.socket_path();
-        let link = client::launch(&keeper_spec, &socket).await?;
+        let (link, socket) = self.launch(&keeper_spec).await?;
         // Computed once, here: the deadline a client sees never drifts.
         let deadline = deadline.map(Deadline::after);
         let (process, subscription) = self.register(
@@ -306,6 +311,61 @@ impl ProcessTable {
         // Recorded before the client hears of it: a crash right after still finds it.
         self.save().await;
         Ok((process, subscription))
+    }
+
+    /// Starts `spec` through the spare keeper, or a new one when there is none (or the spare
+    /// turns out dead), and has the next spare started.
+    async fn launch(self: &Arc<Self>, spec: &KeeperSpec) -> Result<(Link, PathBuf)> {
+        let spare = self.spare_slot().take();
+        let started = match spare {
+            Some(spare) => {
+                let socket = spare.socket().to_path_buf();
+                match spare.start(spec).await {
+                    Ok(link) => Ok((link, socket)),
+                    Err(StartError::Failed(err)) => Err(err),
+                    Err(StartError::KeeperLost(err)) => {
+                        tracing::warn!(%err, "the spare process keeper is gone; starting another");
+                        self.launch_fresh(spec).await
+                    }
+                }
+            }
+            None => self.launch_fresh(spec).await,
+        };
+        // After this start, so the next keeper's exec does not compete with it.
+        self.refill_spare();
+        started
+    }
+
+    async fn launch_fresh(&self, spec: &KeeperSpec) -> Result<(Link, PathBuf)> {
+        let socket = self.socket_path();
+        let link = Spare::spawn(socket.clone())?.start(spec).await?;
+        Ok((link, socket))
+    }
+
+    fn spare_slot(&self) -> std::sync::MutexGuard<'_, Option<Spare>> {
+        self.spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts a spare keeper in the background unless there is one. A keeper that cannot
+    /// be started now is logged; the next process start then starts its own.
+    pub fn refill_spare(self: &Arc<Self>) {
+        let table = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(table) = table.upgrade() else { return };
+            if table.spare_slot().is_some() {
+                return;
+            }
+            match Spare::spawn(table.socket_path()) {
+                // A spare that lost a race to another refill is dropped: it reads end of
+                // file on its stdin and exits.
+                Ok(spare) => {
+                    table.spare_slot().get_or_insert(spare);
+                }
+                Err(err) => tracing::warn!(%err, "could not start a spare process keeper"),
+            }
+        });
     }
 
     /// Manages the process behind `link`; with `subscribe`, returns a subscription taken
@@ -503,10 +563,18 @@ impl ProcessTable {
         let Some(dir) = self.state_dir.clone() else {
             return;
         };
-        let _one_at_a_time = self.saving.lock().await;
+        let mut persisted = self.saving.lock().await;
+        // Every change up to here is in the snapshot taken below; if a save that began after
+        // them has finished meanwhile, this one has nothing to add.
+        let version = *self.changed.borrow();
+        if *persisted >= version {
+            return;
+        }
         let saved = self.saved();
         let result = tokio::task::spawn_blocking(move || dir.save(saved_file::FILE, &saved)).await;
-        if !matches!(result, Ok(Ok(()))) {
+        if matches!(result, Ok(Ok(()))) {
+            *persisted = version;
+        } else {
             tracing::error!(
                 "saving the process table failed; a restart may lose track of processes"
             );

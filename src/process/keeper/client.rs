@@ -2,13 +2,14 @@
 //! survived a daemon restart, and the link that carries output in and input out.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::process::{ChildStdin, ChildStdout};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -32,55 +33,106 @@ pub struct Link {
     reader: std::sync::Mutex<Option<(OwnedReadHalf, Decoder)>>,
 }
 
-/// Starts a keeper for `spec` with its socket at `socket`, and connects to it.
-///
-/// # Errors
-/// [`Error::InvalidArgument`] when the process cannot be started (the keeper says why),
-/// [`Error::Io`] when the keeper itself cannot be run or reached.
-pub async fn launch(spec: &KeeperSpec, socket: &Path) -> Result<Link> {
-    let mut keeper = tokio::process::Command::new("/proc/self/exe")
-        .arg(KEEPER_ARG)
-        .arg(socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        // Its own process group: signals meant for the daemon's group do not reach it.
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|err| Error::io("error starting a process keeper", err))?;
-    let json = serde_json::to_vec(spec)
-        .map_err(|err| Error::Internal(format!("encoding a keeper spec: {err}")))?;
-    let mut stdin = keeper
-        .stdin
-        .take()
-        .ok_or_else(|| Error::Internal("keeper stdin missing".into()))?;
-    stdin
-        .write_all(&json)
-        .await
-        .map_err(|err| Error::io("error talking to a process keeper", err))?;
-    drop(stdin);
-    let stdout = keeper
-        .stdout
-        .take()
-        .ok_or_else(|| Error::Internal("keeper stdout missing".into()))?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .await
-        .map_err(|err| Error::io("error talking to a process keeper", err))?;
-    // The keeper is the daemon's child until the daemon goes: reap it when it exits.
-    tokio::spawn(async move {
-        let _ = keeper.wait().await;
-    });
-    let reply: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|_| Error::Internal(format!("a process keeper answered {line:?}")))?;
-    if let Some(error) = reply.get("error").and_then(serde_json::Value::as_str) {
-        return Err(Error::InvalidArgument(format!(
-            "error starting process: {error}"
-        )));
+/// A keeper started ahead of need: exec'd, its socket bound, waiting for its spec on stdin.
+/// Starting a process through a spare skips the keeper's exec (most of what a keeper adds
+/// to a start). A spare whose daemon goes away reads end of file and exits.
+pub struct Spare {
+    child: tokio::process::Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    socket: PathBuf,
+}
+
+/// Why [`Spare::start`] failed.
+pub enum StartError {
+    /// The keeper could not be given its spec or did not answer (it died, or was killed,
+    /// before it started anything): another keeper may well succeed.
+    KeeperLost(Error),
+    /// The keeper answered: the process cannot be started, or its socket not reached.
+    Failed(Error),
+}
+
+impl From<StartError> for Error {
+    fn from(err: StartError) -> Self {
+        match err {
+            StartError::KeeperLost(err) | StartError::Failed(err) => err,
+        }
     }
-    connect(socket).await
+}
+
+impl Spare {
+    /// Starts a keeper that will serve on `socket` once given a spec.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the binary cannot be run.
+    pub fn spawn(socket: PathBuf) -> Result<Spare> {
+        let mut child = tokio::process::Command::new("/proc/self/exe")
+            .arg(KEEPER_ARG)
+            .arg(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Its own process group: signals meant for the daemon's group do not reach it.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|err| Error::io("error starting a process keeper", err))?;
+        let missing = || Error::Internal("a piped stdio of a keeper is missing".into());
+        Ok(Spare {
+            stdin: child.stdin.take().ok_or_else(missing)?,
+            stdout: child.stdout.take().ok_or_else(missing)?,
+            child,
+            socket,
+        })
+    }
+
+    /// Where the keeper serves.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Has the keeper start `spec`, and connects to it.
+    ///
+    /// # Errors
+    /// [`StartError::KeeperLost`] when the keeper is gone before answering;
+    /// [`StartError::Failed`] with [`Error::InvalidArgument`] when the process cannot be
+    /// started (the keeper says why), or [`Error::Io`] when the socket does not answer.
+    pub async fn start(self, spec: &KeeperSpec) -> std::result::Result<Link, StartError> {
+        let Spare {
+            mut child,
+            mut stdin,
+            stdout,
+            socket,
+        } = self;
+        let json = serde_json::to_vec(spec).map_err(|err| {
+            StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
+        })?;
+        let lost = |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
+        stdin.write_all(&json).await.map_err(lost)?;
+        drop(stdin);
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).await;
+        // The keeper is the daemon's child until the daemon goes: reap it when it exits.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        match read {
+            Err(err) => return Err(lost(err)),
+            Ok(0) => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+        }
+        let reply: serde_json::Value = serde_json::from_str(&line).map_err(|_| {
+            StartError::Failed(Error::Internal(format!(
+                "a process keeper answered {line:?}"
+            )))
+        })?;
+        if let Some(error) = reply.get("error").and_then(serde_json::Value::as_str) {
+            return Err(StartError::Failed(Error::InvalidArgument(format!(
+                "error starting process: {error}"
+            ))));
+        }
+        connect(&socket).await.map_err(StartError::Failed)
+    }
 }
 
 /// Connects to a running keeper and reads its hello.

@@ -77,13 +77,16 @@ struct Keeper {
 const PENDING_INPUT: usize = 1024 * 1024;
 
 fn run(socket: &Path) -> io::Result<()> {
-    let mut input = Vec::new();
-    io::stdin().read_to_end(&mut input)?;
-    let spec: KeeperSpec = serde_json::from_slice(&input).map_err(io::Error::other)?;
+    // Ready before the spec comes: a spare keeper (see the client) waits here, and a start
+    // through it then begins with the spec.
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
+    let mut input = Vec::new();
+    io::stdin().read_to_end(&mut input)?;
+    // End of file without a spec: the daemon that started this spare is gone.
+    let spec: KeeperSpec = serde_json::from_slice(&input).map_err(io::Error::other)?;
     let (mut child, outputs, stdin, pty) = match start(&spec, &spec.program, &spec.args) {
         Err(err) if is_exec_failure(&err) => {
             // As envd: a program that cannot run goes through the shell, which says why on
