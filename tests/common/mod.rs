@@ -252,10 +252,24 @@ pub async fn connect_json(
     method: &str,
     body: serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let response = http()
+    connect_json_with(daemon, method, body, &[]).await
+}
+
+/// Connect unary JSON call with extra headers; returns (HTTP status, JSON body).
+pub async fn connect_json_with(
+    daemon: &Daemon,
+    method: &str,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let mut request = http()
         .post(daemon.url(method))
         .header("content-type", "application/json")
-        .header("connect-protocol-version", "1")
+        .header("connect-protocol-version", "1");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
         .body(body.to_string())
         .send()
         .await
@@ -490,32 +504,6 @@ pub fn init_args(ca_dir: &Path) -> Vec<String> {
         "--ca-cert-file".into(),
         path("e2b-ca.crt"),
     ]
-}
-
-/// Connect unary JSON call with extra headers; returns (HTTP status, JSON body).
-pub async fn connect_json_with(
-    daemon: &Daemon,
-    method: &str,
-    body: serde_json::Value,
-    headers: &[(&str, &str)],
-) -> (u16, serde_json::Value) {
-    let mut request = http()
-        .post(daemon.url(method))
-        .header("content-type", "application/json")
-        .header("connect-protocol-version", "1");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("connect call");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    let json =
-        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?} is not JSON: {err}"));
-    (status, json)
 }
 
 /// `Authorization: Basic` for `user` with an empty password, as the SDKs send it.
