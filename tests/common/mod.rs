@@ -1,7 +1,10 @@
 //! Shared harness for the integration tests: starts the real `envd` binary on port 0 and
-//! waits for its ready line; small clients for Connect, gRPC-Web and xattr checks.
+//! waits for its ready line; small clients for Connect, gRPC-Web and xattr checks. Its
+//! `process` module reads the process service's event streams.
 
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
