@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::process::{alive, started, wait_dead};
 use common::{Daemon, TOKEN_HEADER, http, init_args};
 use serde_json::{Value, json};
 
@@ -128,21 +129,6 @@ fn statuses(attempt: &Value) -> Vec<(u64, String)> {
 
 fn expect(pairs: &[(u64, &str)]) -> Vec<(u64, String)> {
     pairs.iter().map(|(s, t)| (*s, (*t).to_owned())).collect()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-async fn wait_dead(pid: u32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while alive(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid {pid} is still alive"
-        );
-        tokio::task::yield_now().await;
-    }
 }
 
 #[tokio::test]
@@ -296,24 +282,17 @@ async fn a_reused_sequence_is_a_conflict_and_nothing_runs() {
 async fn start_unrelated_process(daemon: &Daemon) -> u32 {
     use envd::proto::process::{self as pb, process_client::ProcessClient};
     let mut client = ProcessClient::new(common::grpc_channel(daemon).await);
-    let mut stream = client
-        .start(pb::StartRequest {
-            process: Some(pb::ProcessConfig {
-                cmd: "/bin/sleep".into(),
-                args: vec!["1000".into()],
-                cwd: Some("/".into()),
-                ..Default::default()
-            }),
+    let request = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/sleep".into(),
+            args: vec!["1000".into()],
+            cwd: Some("/".into()),
             ..Default::default()
-        })
-        .await
-        .expect("start")
-        .into_inner();
-    let first = stream.message().await.expect("event").expect("open");
-    match first.event.and_then(|e| e.event) {
-        Some(pb::process_event::Event::Start(start)) => start.pid,
-        other => panic!("expected start, got {other:?}"),
-    }
+        }),
+        ..Default::default()
+    };
+    // The stream is dropped: the process keeps running.
+    started(&mut client, request).await.0
 }
 
 #[tokio::test]

@@ -6,11 +6,10 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
+use common::process::{alive, read_stdout_until, started, wait_dead};
 use common::{Daemon, envelope, envelopes, grpc_channel, http};
 use envd::proto::envd_ext::{self as ext, processes_client::ProcessesClient};
-use envd::proto::process::{
-    self as pb, process_client::ProcessClient, process_event::Event, process_selector::Selector,
-};
+use envd::proto::process::{self as pb, process_client::ProcessClient, process_selector::Selector};
 use tonic::transport::Channel;
 
 struct Clients {
@@ -50,17 +49,7 @@ async fn start(clients: &mut Clients, script: &str, deadline: Option<Duration>) 
     if let Some(deadline) = deadline {
         request.set_timeout(deadline);
     }
-    let mut stream = clients
-        .process
-        .start(request)
-        .await
-        .expect("start")
-        .into_inner();
-    let first = stream.message().await.expect("event").expect("open");
-    match first.event.and_then(|e| e.event) {
-        Some(Event::Start(start)) => start.pid,
-        other => panic!("expected start, got {other:?}"),
-    }
+    started(&mut clients.process, request).await.0
 }
 
 async fn set_timeout(
@@ -135,21 +124,6 @@ async fn attach(daemon: &Daemon, pid: u32) -> (String, serde_json::Value, serde_
     (String::from_utf8(stdout).expect("utf-8"), end, end_stream)
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-async fn wait_dead(pid: u32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while alive(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid {pid} is still alive"
-        );
-        tokio::task::yield_now().await;
-    }
-}
-
 #[tokio::test]
 async fn a_deadline_terminates_the_whole_group_and_says_why() {
     let daemon = Daemon::start();
@@ -158,19 +132,9 @@ async fn a_deadline_terminates_the_whole_group_and_says_why() {
     // Started with a one-minute deadline, which the test then shortens.
     let mut request = tonic::Request::new(bash("sleep 1000 & echo $!; wait"));
     request.set_timeout(Duration::from_secs(60));
-    let mut stream = c.process.start(request).await.expect("start").into_inner();
-    let mut pid = 0;
-    let mut grandchild = 0u32;
-    while grandchild == 0 {
-        let message = stream.message().await.expect("event").expect("open");
-        match message.event.and_then(|e| e.event) {
-            Some(Event::Start(start)) => pid = start.pid,
-            Some(Event::Data(pb::process_event::DataEvent {
-                output: Some(pb::process_event::data_event::Output::Stdout(line)),
-            })) => grandchild = String::from_utf8_lossy(&line).trim().parse().expect("pid"),
-            _ => {}
-        }
-    }
+    let (pid, mut stream) = started(&mut c.process, request).await;
+    let line = read_stdout_until(&mut stream, |seen| !seen.is_empty()).await;
+    let grandchild: u32 = line.trim().parse().expect("pid");
     drop(stream);
     assert!(alive(grandchild));
     let before = listed(&mut c, pid).await;

@@ -6,22 +6,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::process::{Collected, collect, collect_rest, started};
 use common::{Daemon, envelope, envelopes, grpc_channel, http};
 use envd::proto::process::{
     self as pb, process_client::ProcessClient, process_event::Event, process_selector::Selector,
 };
 use tonic::transport::Channel;
-
-#[derive(Debug, Default)]
-struct Collected {
-    pid: u32,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    pty: Vec<u8>,
-    keepalives: usize,
-    end: Option<pb::process_event::EndEvent>,
-    error: Option<tonic::Status>,
-}
 
 fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
     pb::StartRequest {
@@ -54,81 +44,9 @@ async fn client(daemon: &Daemon) -> ProcessClient<Channel> {
     ProcessClient::new(grpc_channel(daemon).await)
 }
 
-/// Reads a stream of events to its end (or its error). The first event must be `start`
-/// unless `started` already took it.
-async fn collect<T>(
-    stream: tonic::Streaming<T>,
-    event_of: fn(T) -> Option<pb::ProcessEvent>,
-) -> Collected {
-    collect_from(stream, event_of, true).await
-}
-
-/// [`collect`] for a stream whose `start` event was already read.
-async fn collect_rest(stream: tonic::Streaming<pb::StartResponse>) -> Collected {
-    collect_from(stream, |r| r.event, false).await
-}
-
-async fn collect_from<T>(
-    mut stream: tonic::Streaming<T>,
-    event_of: fn(T) -> Option<pb::ProcessEvent>,
-    expect_start: bool,
-) -> Collected {
-    let mut out = Collected::default();
-    let mut first = expect_start;
-    loop {
-        match stream.message().await {
-            Ok(Some(message)) => {
-                let event = event_of(message).and_then(|e| e.event).expect("an event");
-                if first {
-                    assert!(
-                        matches!(event, Event::Start(_)),
-                        "the first event is start, got {event:?}"
-                    );
-                    first = false;
-                }
-                match event {
-                    Event::Start(start) => out.pid = start.pid,
-                    Event::Data(data) => match data.output.expect("output") {
-                        pb::process_event::data_event::Output::Stdout(b) => out.stdout.extend(b),
-                        pb::process_event::data_event::Output::Stderr(b) => out.stderr.extend(b),
-                        pb::process_event::data_event::Output::Pty(b) => out.pty.extend(b),
-                    },
-                    Event::End(end) => {
-                        assert!(out.end.is_none(), "exactly one end event");
-                        out.end = Some(end);
-                    }
-                    Event::Keepalive(_) => out.keepalives += 1,
-                }
-            }
-            Ok(None) => return out,
-            Err(status) => {
-                out.error = Some(status);
-                return out;
-            }
-        }
-    }
-}
-
 async fn run(client: &mut ProcessClient<Channel>, request: pb::StartRequest) -> Collected {
     let stream = client.start(request).await.expect("start").into_inner();
-    collect(stream, |r| r.event).await
-}
-
-/// Opens a Start stream and returns it once its `start` event has arrived, with the pid.
-async fn started(
-    client: &mut ProcessClient<Channel>,
-    request: impl tonic::IntoRequest<pb::StartRequest>,
-) -> (u32, tonic::Streaming<pb::StartResponse>) {
-    let mut stream = client.start(request).await.expect("start").into_inner();
-    let first = stream
-        .message()
-        .await
-        .expect("first event")
-        .expect("stream open");
-    match first.event.and_then(|e| e.event) {
-        Some(Event::Start(start)) => (start.pid, stream),
-        other => panic!("expected start, got {other:?}"),
-    }
+    collect(stream).await
 }
 
 fn alive(pid: u32) -> bool {
@@ -226,7 +144,7 @@ async fn runs_as_the_requested_user() {
         "Basic bm9ib2R5Og==".parse().expect("header"),
     );
     let stream = client.start(request).await.expect("start").into_inner();
-    let out = collect(stream, |r| r.event).await;
+    let out = collect(stream).await;
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("lookup")
         .expect("nobody exists");
@@ -602,7 +520,7 @@ async fn disconnect_list_reconnect_and_retention() {
         })
         .await
         .expect("input");
-    let out = collect(connected, |r| r.event).await;
+    let out = collect(connected).await;
     assert_eq!(out.pid, pid);
     assert_eq!(out.stdout, b"got back\n");
     assert_eq!(out.end.expect("end").exit_code, 0);
@@ -615,7 +533,7 @@ async fn disconnect_list_reconnect_and_retention() {
         .await
         .expect("late connect")
         .into_inner();
-    let out = collect(late, |r| r.event).await;
+    let out = collect(late).await;
     assert_eq!(out.end.expect("retained end").exit_code, 0);
 
     let status = client
@@ -636,7 +554,7 @@ async fn keepalives_flow_on_quiet_streams_and_bad_intervals_are_harmless() {
         .metadata_mut()
         .insert("keepalive-ping-interval", "1".parse().expect("header"));
     let stream = client.start(request).await.expect("start").into_inner();
-    let out = collect(stream, |r| r.event).await;
+    let out = collect(stream).await;
     assert!(out.keepalives >= 1, "{out:?}");
     for bad in ["0", "-5", "soon"] {
         let mut request = tonic::Request::new(bash("echo fine"));
@@ -644,7 +562,7 @@ async fn keepalives_flow_on_quiet_streams_and_bad_intervals_are_harmless() {
             .metadata_mut()
             .insert("keepalive-ping-interval", bad.parse().expect("header"));
         let stream = client.start(request).await.expect("start").into_inner();
-        let out = collect(stream, |r| r.event).await;
+        let out = collect(stream).await;
         assert_eq!(out.stdout, b"fine\n", "interval {bad}");
     }
 }
@@ -780,7 +698,7 @@ async fn a_stalled_subscriber_does_not_stall_a_live_one() {
         })
         .await
         .expect("input");
-    let out = collect(live, |r| r.event).await;
+    let out = collect(live).await;
     assert_eq!(
         out.stdout.len(),
         64 * 1024 * 1024 + 5,

@@ -8,10 +8,11 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Daemon, grpc_channel, http, kill_keepers};
-use envd::proto::process::{
-    self as pb, process_client::ProcessClient, process_event::Event, process_selector::Selector,
+use common::process::{
+    alive, collect, collect_rest, read_start, read_stdout_until, started, wait_dead,
 };
+use common::{Daemon, grpc_channel, http, kill_keepers};
+use envd::proto::process::{self as pb, process_client::ProcessClient, process_selector::Selector};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -57,53 +58,26 @@ fn by_pid(pid: u32) -> Option<pb::ProcessSelector> {
 /// Starts a process and reads events until its stdout has shown `line`; returns the pid.
 async fn start_and_see(daemon: &Daemon, request: pb::StartRequest, line: &str) -> u32 {
     let mut client = ProcessClient::new(grpc_channel(daemon).await);
-    let mut stream = client.start(request).await.expect("start").into_inner();
-    let mut pid = 0;
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains(line) {
-        let message = stream.message().await.expect("event").expect("open");
-        match message.event.and_then(|e| e.event) {
-            Some(Event::Start(start)) => pid = start.pid,
-            Some(Event::Data(pb::process_event::DataEvent {
-                output: Some(pb::process_event::data_event::Output::Stdout(bytes)),
-            })) => seen.extend(bytes),
-            _ => {}
-        }
-    }
+    let (pid, mut stream) = started(&mut client, request).await;
+    read_stdout_until(&mut stream, |seen| seen.contains(line)).await;
     pid
 }
 
 /// Collects a Connect stream: (stdout, exit code of the end event).
 async fn follow(daemon: &Daemon, pid: u32) -> (String, i32) {
     let mut client = ProcessClient::new(grpc_channel(daemon).await);
-    let mut stream = client
+    let stream = client
         .connect(pb::ConnectRequest {
             process: by_pid(pid),
         })
         .await
         .expect("connect")
         .into_inner();
-    let mut stdout = Vec::new();
-    loop {
-        let message = stream
-            .message()
-            .await
-            .expect("event")
-            .expect("an end before the stream closes");
-        match message.event.and_then(|e| e.event) {
-            Some(Event::Data(pb::process_event::DataEvent {
-                output: Some(pb::process_event::data_event::Output::Stdout(bytes)),
-            })) => stdout.extend(bytes),
-            Some(Event::End(end)) => {
-                return (String::from_utf8_lossy(&stdout).into_owned(), end.exit_code);
-            }
-            _ => {}
-        }
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    let out = collect(stream).await;
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.exit_code(),
+    )
 }
 
 #[tokio::test]
@@ -152,11 +126,7 @@ async fn processes_survive_kill_9_and_stay_manageable() {
         .await
         .expect("connect")
         .into_inner();
-    let first_event = attached.message().await.expect("event").expect("open");
-    assert!(matches!(
-        first_event.event.and_then(|e| e.event),
-        Some(Event::Start(_))
-    ));
+    read_start(&mut attached).await;
     client
         .send_input(pb::SendInputRequest {
             process: by_pid(pid),
@@ -166,23 +136,9 @@ async fn processes_survive_kill_9_and_stay_manageable() {
         })
         .await
         .expect("input after the restart");
-    let mut stdout = Vec::new();
-    let code = loop {
-        let message = attached
-            .message()
-            .await
-            .expect("event")
-            .expect("an end before the stream closes");
-        match message.event.and_then(|e| e.event) {
-            Some(Event::Data(pb::process_event::DataEvent {
-                output: Some(pb::process_event::data_event::Output::Stdout(bytes)),
-            })) => stdout.extend(bytes),
-            Some(Event::End(end)) => break end.exit_code,
-            _ => {}
-        }
-    };
-    assert_eq!(String::from_utf8_lossy(&stdout), "got back\n");
-    assert_eq!(code, 7);
+    let out = collect_rest(attached).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got back\n");
+    assert_eq!(out.exit_code(), 7);
 
     // Signals work on adopted processes.
     client
@@ -208,14 +164,7 @@ async fn an_exit_while_the_daemon_was_down_is_reported() {
     let pid = start_and_see(&first, bash(&script, None), "waiting").await;
     first.signal_and_wait(Signal::SIGKILL);
     std::fs::write(&trigger, b"").expect("trigger");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while alive(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the process did not end"
-        );
-        tokio::task::yield_now().await;
-    }
+    wait_dead(pid).await;
     let second = state.start();
     let (stdout, code) = follow(&second, pid).await;
     assert_eq!(

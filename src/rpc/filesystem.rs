@@ -52,20 +52,11 @@ impl FilesystemService {
         }
     }
 
-    fn watch_spec(
-        &self,
-        requester: &Requester,
-        path: &str,
-        recursive: bool,
-        include_entry: bool,
-        allow_network_mounts: bool,
-    ) -> Result<WatchSpec, Status> {
-        Ok(WatchSpec {
-            path: requester.resolve(path)?,
-            recursive,
-            include_entry,
-            allow_network_mounts,
-        })
+    /// The watch a WatchDir or CreateWatcher request asks for, its path resolved for the
+    /// caller.
+    fn watch_spec<T: WatchRequest>(&self, request: Request<T>) -> Result<WatchSpec, Status> {
+        let requester = self.requester(&request)?;
+        request.into_inner().into_spec(&requester)
     }
 
     fn requester<T>(&self, request: &Request<T>) -> Result<Requester, Status> {
@@ -78,6 +69,39 @@ impl FilesystemService {
 }
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A request to watch one directory: WatchDir (a stream) and CreateWatcher (polling) ask
+/// for the same thing with the same fields.
+trait WatchRequest {
+    /// The watch asked for, its path resolved for `requester`.
+    fn into_spec(self, requester: &Requester) -> Result<WatchSpec, Status>;
+}
+
+/// The two messages are distinct generated types with identical fields, so one body
+/// serves both. The exhaustive destructuring makes a field added to either a compile
+/// error here rather than a silently ignored option.
+macro_rules! impl_watch_request {
+    ($($message:ident),+) => {$(
+        impl WatchRequest for pb::$message {
+            fn into_spec(self, requester: &Requester) -> Result<WatchSpec, Status> {
+                let pb::$message {
+                    path,
+                    recursive,
+                    include_entry,
+                    allow_network_mounts,
+                } = self;
+                Ok(WatchSpec {
+                    path: requester.resolve(&path)?,
+                    recursive,
+                    include_entry,
+                    allow_network_mounts,
+                })
+            }
+        }
+    )+};
+}
+
+impl_watch_request!(WatchDirRequest, CreateWatcherRequest);
 
 #[tonic::async_trait]
 impl Filesystem for FilesystemService {
@@ -168,21 +192,8 @@ impl Filesystem for FilesystemService {
         &self,
         request: Request<pb::WatchDirRequest>,
     ) -> Result<Response<Self::WatchDirStream>, Status> {
-        let requester = self.requester(&request)?;
         let keepalive = keepalive_interval(request.metadata());
-        let pb::WatchDirRequest {
-            path,
-            recursive,
-            include_entry,
-            allow_network_mounts,
-        } = request.into_inner();
-        let spec = self.watch_spec(
-            &requester,
-            &path,
-            recursive,
-            include_entry,
-            allow_network_mounts,
-        )?;
+        let spec = self.watch_spec(request)?;
         let limits = self.limits.clone();
         let watch = blocking(move || Watch::open(spec, &limits)).await?;
         Ok(Response::new(watch_stream(watch, keepalive)))
@@ -192,20 +203,7 @@ impl Filesystem for FilesystemService {
         &self,
         request: Request<pb::CreateWatcherRequest>,
     ) -> Result<Response<pb::CreateWatcherResponse>, Status> {
-        let requester = self.requester(&request)?;
-        let pb::CreateWatcherRequest {
-            path,
-            recursive,
-            include_entry,
-            allow_network_mounts,
-        } = request.into_inner();
-        let spec = self.watch_spec(
-            &requester,
-            &path,
-            recursive,
-            include_entry,
-            allow_network_mounts,
-        )?;
+        let spec = self.watch_spec(request)?;
         let polling = self.polling.clone();
         let watcher_id = blocking(move || polling.create(spec)).await?;
         Ok(Response::new(pb::CreateWatcherResponse { watcher_id }))

@@ -1,7 +1,10 @@
 //! Shared harness for the integration tests: starts the real `envd` binary on port 0 and
-//! waits for its ready line; small clients for Connect, gRPC-Web and xattr checks.
+//! waits for its ready line; small clients for Connect, gRPC-Web and xattr checks. Its
+//! `process` module reads the process service's event streams.
 
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -252,10 +255,24 @@ pub async fn connect_json(
     method: &str,
     body: serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let response = http()
+    connect_json_with(daemon, method, body, &[]).await
+}
+
+/// Connect unary JSON call with extra headers; returns (HTTP status, JSON body).
+pub async fn connect_json_with(
+    daemon: &Daemon,
+    method: &str,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let mut request = http()
         .post(daemon.url(method))
         .header("content-type", "application/json")
-        .header("connect-protocol-version", "1")
+        .header("connect-protocol-version", "1");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
         .body(body.to_string())
         .send()
         .await
@@ -490,32 +507,6 @@ pub fn init_args(ca_dir: &Path) -> Vec<String> {
         "--ca-cert-file".into(),
         path("e2b-ca.crt"),
     ]
-}
-
-/// Connect unary JSON call with extra headers; returns (HTTP status, JSON body).
-pub async fn connect_json_with(
-    daemon: &Daemon,
-    method: &str,
-    body: serde_json::Value,
-    headers: &[(&str, &str)],
-) -> (u16, serde_json::Value) {
-    let mut request = http()
-        .post(daemon.url(method))
-        .header("content-type", "application/json")
-        .header("connect-protocol-version", "1");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("connect call");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    let json =
-        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?} is not JSON: {err}"));
-    (status, json)
 }
 
 /// `Authorization: Basic` for `user` with an empty password, as the SDKs send it.
