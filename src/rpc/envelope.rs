@@ -46,6 +46,11 @@ impl Decoder {
         }
     }
 
+    /// Changes the longest frame accepted from here on.
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);

@@ -7,9 +7,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::process::{ChildStdin, ChildStdout};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -33,13 +32,15 @@ pub struct Link {
     reader: std::sync::Mutex<Option<(OwnedReadHalf, Decoder)>>,
 }
 
-/// A keeper started ahead of need: exec'd, its socket bound, waiting for its spec on stdin.
-/// Starting a process through a spare skips the keeper's exec (most of what a keeper adds
-/// to a start). A spare whose daemon goes away reads end of file and exits.
+/// A keeper started ahead of need: exec'd, its socket bound, waiting for its spec. Starting
+/// a process through a spare skips the keeper's exec (most of what a keeper adds to a
+/// start). The daemon talks to it over a socket pair that is the keeper's stdin, so a start
+/// is one round trip: the spec goes out, the hello (or why the process cannot start) comes
+/// back on what is then the process's link. A spare whose daemon goes away reads end of
+/// file and exits.
 pub struct Spare {
     child: tokio::process::Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
+    stream: UnixStream,
     socket: PathBuf,
 }
 
@@ -48,7 +49,7 @@ pub enum StartError {
     /// The keeper could not be given its spec or did not answer (it died, or was killed,
     /// before it started anything): another keeper may well succeed.
     KeeperLost(Error),
-    /// The keeper answered: the process cannot be started, or its socket not reached.
+    /// The keeper answered: the process cannot be started.
     Failed(Error),
 }
 
@@ -66,72 +67,74 @@ impl Spare {
     /// # Errors
     /// [`Error::Io`] when the binary cannot be run.
     pub fn spawn(socket: PathBuf) -> Result<Spare> {
-        let mut child = tokio::process::Command::new("/proc/self/exe")
+        let failed = |err| Error::io("error starting a process keeper", err);
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
+        let child = tokio::process::Command::new("/proc/self/exe")
             .arg(KEEPER_ARG)
             .arg(&socket)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             // Its own process group: signals meant for the daemon's group do not reach it.
             .process_group(0)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|err| Error::io("error starting a process keeper", err))?;
-        let missing = || Error::Internal("a piped stdio of a keeper is missing".into());
+            .map_err(failed)?;
+        ours.set_nonblocking(true).map_err(failed)?;
         Ok(Spare {
-            stdin: child.stdin.take().ok_or_else(missing)?,
-            stdout: child.stdout.take().ok_or_else(missing)?,
+            stream: UnixStream::from_std(ours).map_err(failed)?,
             child,
             socket,
         })
     }
 
-    /// Where the keeper serves.
+    /// Where the keeper serves daemons that connect later.
     pub fn socket(&self) -> &Path {
         &self.socket
     }
 
-    /// Has the keeper start `spec`, and connects to it.
+    /// Has the keeper start `spec`; the link to it once it has.
     ///
     /// # Errors
     /// [`StartError::KeeperLost`] when the keeper is gone before answering;
     /// [`StartError::Failed`] with [`Error::InvalidArgument`] when the process cannot be
-    /// started (the keeper says why), or [`Error::Io`] when the socket does not answer.
+    /// started (the keeper says why).
     pub async fn start(self, spec: &KeeperSpec) -> std::result::Result<Link, StartError> {
         let Spare {
             mut child,
-            mut stdin,
-            stdout,
-            socket,
+            stream,
+            socket: _,
         } = self;
-        let json = serde_json::to_vec(spec).map_err(|err| {
-            StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
-        })?;
-        let lost = |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
-        stdin.write_all(&json).await.map_err(lost)?;
-        drop(stdin);
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line).await;
         // The keeper is the daemon's child until the daemon goes: reap it when it exits.
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
-        match read {
-            Err(err) => return Err(lost(err)),
-            Ok(0) => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(_) => {}
-        }
-        let reply: serde_json::Value = serde_json::from_str(&line).map_err(|_| {
-            StartError::Failed(Error::Internal(format!(
-                "a process keeper answered {line:?}"
-            )))
+        let json = serde_json::to_vec(spec).map_err(|err| {
+            StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
         })?;
-        if let Some(error) = reply.get("error").and_then(serde_json::Value::as_str) {
-            return Err(StartError::Failed(Error::InvalidArgument(format!(
-                "error starting process: {error}"
-            ))));
+        let lost = |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
+        let (mut reader, mut writer) = stream.into_split();
+        writer
+            .write_all(&encode(to_keeper::SPEC, &json))
+            .await
+            .map_err(lost)?;
+        let mut decoder = Decoder::new(MAX_FRAME);
+        let (kind, payload) = read_frame(&mut reader, &mut decoder)
+            .await
+            .map_err(lost)?
+            .ok_or_else(|| lost(std::io::ErrorKind::UnexpectedEof.into()))?;
+        match kind {
+            to_daemon::HELLO => {
+                let hello: Hello = serde_json::from_slice(&payload)
+                    .map_err(|err| lost(std::io::Error::other(err)))?;
+                Ok(Link::new(hello, reader, writer, decoder))
+            }
+            to_daemon::START_FAILED => Err(StartError::Failed(Error::InvalidArgument(format!(
+                "error starting process: {}",
+                String::from_utf8_lossy(&payload)
+            )))),
+            _ => Err(lost(std::io::Error::other("a process keeper answered out of turn"))),
         }
-        connect(&socket).await.map_err(StartError::Failed)
     }
 }
 
@@ -163,11 +166,7 @@ pub async fn connect(socket: &Path) -> Result<Link> {
     }
     let hello: Hello =
         serde_json::from_slice(&payload).map_err(|err| fail(std::io::Error::other(err)))?;
-    Ok(Link {
-        hello,
-        writer: Mutex::new(writer),
-        reader: std::sync::Mutex::new(Some((reader, decoder))),
-    })
+    Ok(Link::new(hello, reader, writer, decoder))
 }
 
 /// Reads one whole frame (`None` at end of stream).
@@ -189,6 +188,14 @@ async fn read_frame(
 }
 
 impl Link {
+    fn new(hello: Hello, reader: OwnedReadHalf, writer: OwnedWriteHalf, decoder: Decoder) -> Link {
+        Link {
+            hello,
+            writer: Mutex::new(writer),
+            reader: std::sync::Mutex::new(Some((reader, decoder))),
+        }
+    }
+
     /// Forwards output into `source` until the keeper reports the exit, then sends it on
     /// `exit`. A keeper that vanishes first reports a lost process.
     pub fn spawn_reader(&self, source: mpsc::Sender<Chunk>, exit: oneshot::Sender<ExitStatus>) {

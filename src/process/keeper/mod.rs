@@ -1,10 +1,11 @@
 //! Keepers: one small process per managed process, in the manner of container runtimes'
 //! shims, so that processes outlive the daemon (a crash, an OOM kill, an upgrade).
 //!
-//! The daemon re-executes its own binary as `envd __keeper <socket>` and hands it a
-//! [`KeeperSpec`] on stdin. The keeper starts the process as its child, holds its stdio
-//! (pipes or a terminal), reaps it, and serves one daemon at a time on a unix socket in
-//! the state directory: output and the exit status flow to the daemon, input, resizes
+//! The daemon re-executes its own binary as `envd __keeper <socket>`, ahead of need (a
+//! spare), with one end of a socket pair as its stdin; a start sends the [`KeeperSpec`]
+//! there, and that pair is the first daemon's link. The keeper starts the process as its
+//! child, holds its stdio (pipes or a terminal), reaps it, and serves one daemon at a time
+//! (later ones on a unix socket in the state directory): output and the exit status flow to the daemon, input, resizes
 //! and "release" flow back. While no daemon is connected the keeper buffers output up to
 //! [`DETACHED_BUFFER`] bytes, then stops reading (the process blocks on a full pipe, so
 //! nothing is lost); a new daemon connects to the socket and finds everything there.
@@ -38,6 +39,8 @@ pub mod to_daemon {
     pub const PTY: u8 = 4;
     /// The raw wait status (i32, big-endian), after all output.
     pub const EXIT: u8 = 5;
+    /// Instead of the first hello: the process could not be started (UTF-8, why).
+    pub const START_FAILED: u8 = 6;
 }
 
 /// Frame kinds, daemon → keeper.
@@ -54,6 +57,8 @@ pub mod to_keeper {
     pub const RELEASE: u8 = 14;
     /// The process was killed: do not wait for its output to drain after it exits.
     pub const KILLED: u8 = 15;
+    /// JSON [`super::KeeperSpec`]: the one frame a new keeper waits for on its stdin.
+    pub const SPEC: u8 = 16;
 }
 
 /// Everything a keeper needs to start a process; computed by the daemon.

@@ -27,19 +27,13 @@ const PTY_CHUNK: usize = 16 * 1024;
 /// Largest frame the daemon may send.
 const MAX_FRAME: usize = 1024 * 1024;
 
-/// Runs a keeper: `envd __keeper <socket>` with the spec as JSON on stdin.
+/// Runs a keeper: `envd __keeper <socket>`, its stdin one end of a socket pair whose other
+/// end the daemon holds.
 pub fn main(socket: &Path) -> ExitCode {
     crate::sys::ignore_sigpipe();
     match run(socket) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // Before the handshake this reaches the daemon through stdout; after it, nobody
-            // may be listening.
-            let _ = writeln!(
-                io::stdout(),
-                "{}",
-                serde_json::json!({ "error": err.to_string() })
-            );
+        Err(_) => {
             let _ = std::fs::remove_file(socket);
             ExitCode::FAILURE
         }
@@ -76,18 +70,25 @@ struct Keeper {
 /// reading the daemon's frames (the daemon's writes then wait: back-pressure).
 const PENDING_INPUT: usize = 1024 * 1024;
 
+/// Largest spec: the command line and environment, bounded by the kernel's own limit.
+const MAX_SPEC: usize = 8 * 1024 * 1024;
+
 fn run(socket: &Path) -> io::Result<()> {
-    // Ready before the spec comes: a spare keeper (see the client) waits here, and a start
-    // through it then begins with the spec.
+    // Ready before the spec comes: a spare keeper waits here, and a start through it then
+    // begins with the spec.
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
-    let mut input = Vec::new();
-    io::stdin().read_to_end(&mut input)?;
+    // The daemon's end of the pair is our stdin: keep it as the first connection, and free
+    // fd 0 (and 1) from the daemon.
+    let first = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
+    detach_stdio()?;
+    let mut decoder = Decoder::new(MAX_SPEC);
     // End of file without a spec: the daemon that started this spare is gone.
-    let spec: KeeperSpec = serde_json::from_slice(&input).map_err(io::Error::other)?;
-    let (mut child, outputs, stdin, pty) = match start(&spec, &spec.program, &spec.args) {
+    let spec: KeeperSpec = serde_json::from_slice(&read_spec(&first, &mut decoder)?)
+        .map_err(io::Error::other)?;
+    let started = match start(&spec, &spec.program, &spec.args) {
         Err(err) if is_exec_failure(&err) => {
             // As envd: a program that cannot run goes through the shell, which says why on
             // stderr and exits 127 or 126.
@@ -97,9 +98,16 @@ fn run(socket: &Path) -> io::Result<()> {
                 spec.program.clone(),
             ];
             args.extend(spec.args.iter().cloned());
-            start(&spec, "/bin/sh", &args)?
+            start(&spec, "/bin/sh", &args)
         }
-        other => other?,
+        other => other,
+    };
+    let (mut child, outputs, stdin, pty) = match started {
+        Ok(started) => started,
+        Err(err) => {
+            let _ = (&first).write_all(&encode(to_daemon::START_FAILED, err.to_string().as_bytes()));
+            return Err(err);
+        }
     };
     let pid = child.id();
     let hello = Hello {
@@ -108,17 +116,6 @@ fn run(socket: &Path) -> io::Result<()> {
         pty: pty.is_some(),
     };
     let pidfd = crate::sys::pidfd_open(pid)?;
-    // The handshake: the daemon reads this one line, then connects to the socket.
-    {
-        let mut stdout = io::stdout().lock();
-        writeln!(
-            stdout,
-            "{}",
-            serde_json::to_string(&hello).map_err(io::Error::other)?
-        )?;
-        stdout.flush()?;
-    }
-    detach_stdio()?;
     let mut keeper = Keeper {
         hello,
         outputs,
@@ -135,6 +132,8 @@ fn run(socket: &Path) -> io::Result<()> {
         pending_pty: Vec::new(),
         close_stdin_after: false,
     };
+    decoder.set_max_len(MAX_FRAME);
+    keeper.attach(first, decoder);
     let mut ended_at: Option<Instant> = None;
     loop {
         if keeper.released {
@@ -242,8 +241,13 @@ impl Keeper {
         if stream.set_nonblocking(false).is_err() {
             return;
         }
-        // A newer daemon replaces an older connection.
-        self.conn = Some((stream, Decoder::new(MAX_FRAME)));
+        self.attach(stream, Decoder::new(MAX_FRAME));
+    }
+
+    /// Serves a daemon on `stream` (blocking): the hello, then what was buffered for it. A
+    /// newer daemon replaces an older connection.
+    fn attach(&mut self, stream: UnixStream, decoder: Decoder) {
+        self.conn = Some((stream, decoder));
         self.exit_sent = false;
         let hello = serde_json::to_vec(&self.hello).unwrap_or_default();
         self.send(to_daemon::HELLO, &hello);
@@ -505,8 +509,25 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Points the keeper's own stdin and stdout at `/dev/null` after the handshake: the daemon
-/// that started it may be gone at any moment, and the keeper must not depend on it.
+/// Reads frames from the daemon's end of the pair until the spec.
+fn read_spec(mut stream: &UnixStream, decoder: &mut Decoder) -> io::Result<Bytes> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some((kind, payload)) = decoder.next_frame().map_err(io::Error::other)? {
+            if kind == to_keeper::SPEC {
+                return Ok(payload);
+            }
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+/// Points the keeper's own stdin and stdout at `/dev/null`: the daemon that started it may
+/// be gone at any moment, and the keeper must not depend on it.
 fn detach_stdio() -> io::Result<()> {
     let null = std::fs::OpenOptions::new()
         .read(true)
