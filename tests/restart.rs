@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::process::{
     alive, collect, collect_rest, read_start, read_stdout_until, started, wait_dead,
 };
-use common::{Daemon, grpc_channel, http, kill_keepers};
+use common::{Daemon, grpc_channel, http, kill_keepers, wait_until};
 use envd::proto::process::{self as pb, process_client::ProcessClient, process_selector::Selector};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -222,6 +222,119 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
     for name in ["processes.bad", "init.bad"] {
         assert!(state.path().join(name).exists(), "{name} kept aside");
     }
+}
+
+/// The keepers of processes started under `state` (spare ones included): their pids.
+fn keepers(state: &Path) -> Vec<u32> {
+    let needle = state.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains("__keeper") && cmdline.contains(&needle)).then_some(pid)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_process_saved_while_its_keeper_was_starting_it_is_adopted() {
+    let state = State::new();
+    let first = state.start();
+    let pid = start_and_see(
+        &first,
+        bash("echo up; read x; exit 3", Some("pending")),
+        "up",
+    )
+    .await;
+    first.signal_and_wait(Signal::SIGKILL);
+    // Make the saved record what the daemon writes while the keeper is still starting the
+    // process (the crash came before its pid was known): no pid, no start time.
+    let table_path = state.path().join("processes.json");
+    let mut table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&table_path).expect("table")).expect("json");
+    let entry = table["data"]
+        .as_array_mut()
+        .expect("entries")
+        .iter_mut()
+        .find(|e| e["pid"] == pid)
+        .expect("saved");
+    entry["pid"] = json!(0);
+    entry["start_time"] = json!(0);
+    std::fs::write(&table_path, serde_json::to_vec(&table).expect("json")).expect("write");
+
+    let second = state.start();
+    let mut client = ProcessClient::new(grpc_channel(&second).await);
+    let listed = client
+        .list(pb::ListRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let adopted = listed
+        .processes
+        .iter()
+        .find(|p| p.tag.as_deref() == Some("pending"))
+        .expect("adopted from its keeper's socket");
+    assert_eq!(adopted.pid, pid, "the pid comes from the keeper");
+    client
+        .send_input(pb::SendInputRequest {
+            process: by_pid(pid),
+            input: Some(pb::ProcessInput {
+                input: Some(pb::process_input::Input::Stdin(b"go\n".to_vec())),
+            }),
+        })
+        .await
+        .expect("input to the adopted process");
+    let (_, code) = follow(&second, pid).await;
+    assert_eq!(code, 3);
+}
+
+#[tokio::test]
+async fn a_dead_daemons_spare_keeper_exits_and_a_new_daemon_starts_its_own() {
+    let state = State::new();
+    let first = state.start();
+    let pid = start_and_see(&first, bash("echo up; exec sleep 1000", None), "up").await;
+    let live_keeper = |keepers: &[u32]| {
+        keepers
+            .iter()
+            .copied()
+            .find(|k| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                        ppid.parse::<u32>().ok()
+                    })
+                    == Some(*k)
+            })
+            .expect("the process's keeper")
+    };
+    wait_until(
+        "a spare keeper next to the process's",
+        Duration::from_secs(10),
+        || keepers(state.path()).len() == 2,
+    )
+    .await;
+    let kept = live_keeper(&keepers(state.path()));
+    first.signal_and_wait(Signal::SIGKILL);
+    wait_until(
+        "the spare keeper to exit with its daemon",
+        Duration::from_secs(10),
+        || keepers(state.path()) == [kept],
+    )
+    .await;
+    assert!(alive(pid), "the process's own keeper stays");
+    let second = state.start();
+    wait_until("the new daemon's spare", Duration::from_secs(10), || {
+        keepers(state.path()).len() == 2
+    })
+    .await;
+    // A start through the new spare works, and its keeper is not the old one.
+    let other = start_and_see(&second, bash("echo two", None), "two").await;
+    assert_ne!(other, pid);
+    drop(second);
 }
 
 #[tokio::test]

@@ -155,6 +155,8 @@ struct Retained {
 struct Tables {
     live: HashMap<u32, Arc<Process>>,
     retained: HashMap<u32, Retained>,
+    /// Records of processes whose keepers are starting them, by slot (see `launch`).
+    starting: BTreeMap<u64, SavedProcess>,
 }
 
 /// All managed processes.
@@ -232,8 +234,9 @@ impl ProcessTable {
         for record in saved {
             match client::connect(&record.socket).await {
                 Ok(link)
-                    if link.hello.pid == record.pid
-                        && link.hello.start_time == record.start_time =>
+                    if record.pid == saved_file::PID_PENDING
+                        || (link.hello.pid == record.pid
+                            && link.hello.start_time == record.start_time) =>
                 {
                     let deadline = record.end_at.map(|end_at| {
                         let left = end_at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -294,52 +297,90 @@ impl ProcessTable {
         deadline: Option<Duration>,
     ) -> Result<(Arc<Process>, Subscription)> {
         let keeper_spec = spawn::keeper_spec(spec)?;
-        let (link, socket) = self.launch(&keeper_spec).await?;
+        let stdin = spec.stdin && spec.pty.is_none();
         // Computed once, here: the deadline a client sees never drifts.
         let deadline = deadline.map(Deadline::after);
+        let pending = SavedProcess {
+            pid: saved_file::PID_PENDING,
+            start_time: 0,
+            tag,
+            config,
+            socket: PathBuf::new(),
+            stdin,
+            end_at: deadline.map(|d| d.end_at),
+        };
+        let (link, pending, slot) = self.launch(&keeper_spec, pending).await?;
         let (process, subscription) = self.register(
             link,
-            socket,
-            config,
-            tag,
-            spec.stdin && spec.pty.is_none(),
+            pending.socket,
+            pending.config,
+            pending.tag,
+            stdin,
             deadline,
             true,
         );
+        // The saver writes the pid soon; until then the pending record stands for it.
+        self.remove_pending(slot);
         let subscription =
             subscription.ok_or_else(|| Error::Internal("a new process hub is closed".into()))?;
-        // Recorded before the client hears of it: a crash right after still finds it.
-        self.save().await;
         Ok((process, subscription))
     }
 
     /// Starts `spec` through the spare keeper, or a new one when there is none (or the spare
     /// turns out dead), and has the next spare started.
-    async fn launch(self: &Arc<Self>, spec: &KeeperSpec) -> Result<(Link, PathBuf)> {
-        let spare = self.spare_slot().take();
-        let started = match spare {
-            Some(spare) => {
-                let socket = spare.socket().to_path_buf();
-                match spare.start(spec).await {
-                    Ok(link) => Ok((link, socket)),
-                    Err(StartError::Failed(err)) => Err(err),
-                    Err(StartError::KeeperLost(err)) => {
-                        tracing::warn!(%err, "the spare process keeper is gone; starting another");
-                        self.launch_fresh(spec).await
+    ///
+    /// Recorded before the client hears of it, so that a crash right after still finds the
+    /// process: `pending` (with the keeper's socket) is saved while the keeper starts it,
+    /// and a restarted daemon adopts whatever process that keeper answers for.
+    async fn launch(
+        self: &Arc<Self>,
+        spec: &KeeperSpec,
+        mut pending: SavedProcess,
+    ) -> Result<(Link, SavedProcess, u64)> {
+        let mut spare = self.spare_slot().take();
+        let mut lost_one = false;
+        let result = loop {
+            let keeper = match spare.take() {
+                Some(keeper) => keeper,
+                None => match Spare::spawn(self.socket_path()) {
+                    Ok(keeper) => keeper,
+                    Err(err) => break Err(err),
+                },
+            };
+            pending.socket = keeper.socket().to_path_buf();
+            let slot = self.add_pending(pending.clone());
+            let (started, ()) = tokio::join!(keeper.start(spec), self.save());
+            match started {
+                Ok(link) => break Ok((link, slot)),
+                Err(err) => {
+                    self.remove_pending(slot);
+                    match err {
+                        StartError::KeeperLost(err) if !lost_one => {
+                            tracing::warn!(%err, "a process keeper was gone before it started anything; starting another");
+                            lost_one = true;
+                        }
+                        err => break Err(err.into()),
                     }
                 }
             }
-            None => self.launch_fresh(spec).await,
         };
         // After this start, so the next keeper's exec does not compete with it.
         self.refill_spare();
-        started
+        result.map(|(link, slot)| (link, pending, slot))
     }
 
-    async fn launch_fresh(&self, spec: &KeeperSpec) -> Result<(Link, PathBuf)> {
-        let socket = self.socket_path();
-        let link = Spare::spawn(socket.clone())?.start(spec).await?;
-        Ok((link, socket))
+    /// Adds a record saved for a process whose keeper is starting it; the slot to remove it.
+    fn add_pending(&self, record: SavedProcess) -> u64 {
+        let slot = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.lock().starting.insert(slot, record);
+        self.changed.send_modify(|n| *n += 1);
+        slot
+    }
+
+    /// Drops a pending record (the process is registered, or never started).
+    fn remove_pending(&self, slot: u64) {
+        self.lock().starting.remove(&slot);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     fn spare_slot(&self) -> std::sync::MutexGuard<'_, Option<Spare>> {
@@ -596,6 +637,14 @@ impl ProcessTable {
                 stdin: p.stdin_open.load(Ordering::Acquire),
                 end_at: self.deadlines.get(p.seq).map(|d| d.end_at),
             })
+            // A pending record whose process is already live would be adopted twice.
+            .chain(
+                tables
+                    .starting
+                    .values()
+                    .filter(|r| !tables.live.values().any(|p| p.socket == r.socket))
+                    .cloned(),
+            )
             .collect()
     }
 

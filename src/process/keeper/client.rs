@@ -112,7 +112,8 @@ impl Spare {
         let json = serde_json::to_vec(spec).map_err(|err| {
             StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
         })?;
-        let lost = |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
+        let lost =
+            |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
         let (mut reader, mut writer) = stream.into_split();
         writer
             .write_all(&encode(to_keeper::SPEC, &json))
@@ -133,7 +134,9 @@ impl Spare {
                 "error starting process: {}",
                 String::from_utf8_lossy(&payload)
             )))),
-            _ => Err(lost(std::io::Error::other("a process keeper answered out of turn"))),
+            _ => Err(lost(std::io::Error::other(
+                "a process keeper answered out of turn",
+            ))),
         }
     }
 }

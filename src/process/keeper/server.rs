@@ -86,8 +86,8 @@ fn run(socket: &Path) -> io::Result<()> {
     detach_stdio()?;
     let mut decoder = Decoder::new(MAX_SPEC);
     // End of file without a spec: the daemon that started this spare is gone.
-    let spec: KeeperSpec = serde_json::from_slice(&read_spec(&first, &mut decoder)?)
-        .map_err(io::Error::other)?;
+    let spec: KeeperSpec =
+        serde_json::from_slice(&read_spec(&first, &mut decoder)?).map_err(io::Error::other)?;
     let started = match start(&spec, &spec.program, &spec.args) {
         Err(err) if is_exec_failure(&err) => {
             // As envd: a program that cannot run goes through the shell, which says why on
@@ -105,7 +105,8 @@ fn run(socket: &Path) -> io::Result<()> {
     let (mut child, outputs, stdin, pty) = match started {
         Ok(started) => started,
         Err(err) => {
-            let _ = (&first).write_all(&encode(to_daemon::START_FAILED, err.to_string().as_bytes()));
+            let _ =
+                (&first).write_all(&encode(to_daemon::START_FAILED, err.to_string().as_bytes()));
             return Err(err);
         }
     };
