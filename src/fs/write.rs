@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result, is_no_space};
@@ -78,7 +79,7 @@ impl Upload {
         path: &Path,
         owner: &User,
         declared_len: Option<u64>,
-        journal: Option<&Journal>,
+        journal: Option<&Arc<Journal>>,
     ) -> Result<Upload> {
         owner::ensure_can_own(owner, path)?;
         dirs::ensure_parent(path, owner)?;

@@ -294,7 +294,7 @@ async fn write_to_disk(
         journal,
     } = target;
     let mut upload =
-        blocking(move || Upload::begin(&path, &owner, declared_len, journal.as_deref())).await?;
+        blocking(move || Upload::begin(&path, &owner, declared_len, journal.as_ref())).await?;
     loop {
         let mut batch = match rx.recv().await {
             Some(Piece::Data(data)) => vec![data],
