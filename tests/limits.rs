@@ -347,6 +347,11 @@ async fn stalled_uploads_do_not_pin_the_blocking_threads() {
             dir.path().display()
         );
         stream.write_all(head.as_bytes()).await.expect("head");
+        // A first piece of the body, then nothing: stalled mid-file.
+        stream
+            .write_all(&[b'x'; 10])
+            .await
+            .expect("part of the body");
         sockets.push(stream);
     }
     // Every upload has begun (each made its temp file on a blocking thread) ...

@@ -194,11 +194,21 @@ impl Upload {
                 })?;
             }
         }
-        metadata::replace(&self.file, &self.target, metadata)?;
-        let stored = metadata::read(Source::File(&self.file)).unwrap_or_else(|err| {
-            tracing::warn!(path = %self.target.display(), %err, "reading back metadata");
-            Metadata::new()
-        });
+        let stored = if self.temp.is_some() {
+            // Our own new file: it carries exactly what was set (nothing, where the
+            // filesystem has no xattrs), so there is nothing to remove or read back.
+            if metadata::set_on_new(&self.file, &self.target, metadata)? {
+                metadata.clone()
+            } else {
+                Metadata::new()
+            }
+        } else {
+            metadata::replace(&self.file, &self.target, metadata)?;
+            metadata::read(Source::File(&self.file)).unwrap_or_else(|err| {
+                tracing::warn!(path = %self.target.display(), %err, "reading back metadata");
+                Metadata::new()
+            })
+        };
         if let Some(temp) = self.temp.take() {
             if let Err(err) = std::fs::rename(&temp, &self.target) {
                 self.temp = Some(temp);

@@ -185,6 +185,19 @@ fn or_empty(path: &Path, read: io::Result<Metadata>) -> Metadata {
 /// # Errors
 /// [`Error::InsufficientStorage`] when the attributes do not fit, [`Error::Io`] otherwise.
 pub fn replace(file: &File, path: &Path, metadata: &Metadata) -> Result<bool> {
+    store(file, path, metadata, true)
+}
+
+/// As [`replace`], for a file just created: it has no `user.e2b.*` attributes yet, so none
+/// are looked for.
+///
+/// # Errors
+/// As [`replace`].
+pub fn set_on_new(file: &File, path: &Path, metadata: &Metadata) -> Result<bool> {
+    store(file, path, metadata, false)
+}
+
+fn store(file: &File, path: &Path, metadata: &Metadata, remove_stale: bool) -> Result<bool> {
     let fail = |err: io::Error| -> Result<bool> {
         if is_unsupported(&err) {
             tracing::warn!(path = %path.display(), %err, "filesystem has no xattr support; metadata not stored");
@@ -200,22 +213,24 @@ pub fn replace(file: &File, path: &Path, metadata: &Metadata) -> Result<bool> {
             err,
         ))
     };
-    let existing = match file.list_xattr() {
-        Ok(names) => names,
-        Err(err) => return fail(err),
-    };
-    for name in existing {
-        let stale = name
-            .as_bytes()
-            .strip_prefix(XATTR_PREFIX.as_bytes())
-            .is_some_and(|key| {
-                !metadata.contains_key(OsStr::from_bytes(key).to_string_lossy().as_ref())
-            });
-        if stale {
-            match file.remove_xattr(&name) {
-                Ok(()) => {}
-                Err(err) if err.raw_os_error() == Some(nix::errno::Errno::ENODATA as i32) => {}
-                Err(err) => return fail(err),
+    if remove_stale {
+        let existing = match file.list_xattr() {
+            Ok(names) => names,
+            Err(err) => return fail(err),
+        };
+        for name in existing {
+            let stale = name
+                .as_bytes()
+                .strip_prefix(XATTR_PREFIX.as_bytes())
+                .is_some_and(|key| {
+                    !metadata.contains_key(OsStr::from_bytes(key).to_string_lossy().as_ref())
+                });
+            if stale {
+                match file.remove_xattr(&name) {
+                    Ok(()) => {}
+                    Err(err) if err.raw_os_error() == Some(nix::errno::Errno::ENODATA as i32) => {}
+                    Err(err) => return fail(err),
+                }
             }
         }
     }

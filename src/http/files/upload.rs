@@ -279,9 +279,11 @@ struct Target {
     journal: Option<Arc<Journal>>,
 }
 
-/// The disk side of an upload. Each batch of chunks is written on a blocking thread; the
-/// upload is published only after `End`, and a channel closed without it (client gone, body
-/// error) discards it.
+/// The disk side of an upload. Chunks are written in batches on a blocking thread; the
+/// upload begins with the first batch (or the end, for an empty body) and is published after
+/// `End`, and a channel closed without it (client gone, body error) discards it. A body that
+/// arrives whole before the first batch is written (a small file) costs one trip to the
+/// blocking pool: begin, write and publish together.
 async fn write_to_disk(
     target: Target,
     mut rx: mpsc::Receiver<Piece>,
@@ -293,49 +295,73 @@ async fn write_to_disk(
         declared_len,
         journal,
     } = target;
-    let mut upload =
-        blocking(move || Upload::begin(&path, &owner, declared_len, journal.as_ref())).await?;
+    let mut upload: Option<Upload> = None;
     loop {
-        let mut batch = match rx.recv().await {
-            Some(Piece::Data(data)) => vec![data],
-            Some(Piece::End) => return blocking(move || upload.commit(&metadata).map(Some)).await,
+        let (batch, ended) = match rx.recv().await {
+            Some(Piece::Data(data)) => gather(&mut rx, data),
+            Some(Piece::End) => (Vec::new(), true),
             None => {
                 // Removing the temp file is a blocking syscall too.
-                return blocking(move || {
-                    tracing::debug!(written = upload.written(), "upload abandoned");
-                    drop(upload);
-                    Ok(None)
-                })
-                .await;
+                if let Some(upload) = upload {
+                    blocking(move || {
+                        tracing::debug!(written = upload.written(), "upload abandoned");
+                        drop(upload);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                return Ok(None);
             }
         };
-        let mut size = batch[0].len();
-        let mut ended = false;
-        while size < MAX_WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(Piece::Data(data)) => {
-                    size += data.len();
-                    batch.push(data);
-                }
-                Ok(Piece::End) => {
-                    ended = true;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        // On a write error the upload is dropped on the blocking thread (temp file removed).
-        upload = blocking(move || {
+        let (path, owner, metadata, journal) = (
+            path.clone(),
+            owner.clone(),
+            metadata.clone(),
+            journal.clone(),
+        );
+        // On an error the upload is dropped on the blocking thread (temp file removed).
+        let step = blocking(move || {
+            let mut upload = match upload {
+                Some(upload) => upload,
+                None => Upload::begin(&path, &owner, declared_len, journal.as_ref())?,
+            };
             for data in &batch {
                 upload.write_all(data)?;
             }
-            Ok(upload)
+            if ended {
+                return upload.commit(&metadata).map(Step::Published);
+            }
+            Ok(Step::Writing(upload))
         })
         .await?;
-        if ended {
-            return blocking(move || upload.commit(&metadata).map(Some)).await;
+        match step {
+            Step::Writing(written) => upload = Some(written),
+            Step::Published(stored) => return Ok(Some(stored)),
         }
     }
+}
+
+enum Step {
+    Writing(Upload),
+    Published(Metadata),
+}
+
+/// `first` and whatever else is already queued, up to [`MAX_WRITE_BATCH`] bytes; and whether
+/// the end came with them.
+fn gather(rx: &mut mpsc::Receiver<Piece>, first: Bytes) -> (Vec<Bytes>, bool) {
+    let mut size = first.len();
+    let mut batch = vec![first];
+    while size < MAX_WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(Piece::Data(data)) => {
+                size += data.len();
+                batch.push(data);
+            }
+            Ok(Piece::End) => return (batch, true),
+            Err(_) => break,
+        }
+    }
+    (batch, false)
 }
 
 /// The request body as a stream of bytes, gunzipped when it is gzip-encoded.
