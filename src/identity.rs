@@ -2,8 +2,11 @@
 //! `/files`) or the default user, and that user's home and the default workdir for path
 //! resolution.
 
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 
@@ -24,6 +27,68 @@ pub struct Defaults {
 #[derive(Debug)]
 pub struct Identity {
     defaults: RwLock<Defaults>,
+    users: UserCache,
+}
+
+/// The user database file whose change invalidates cached users at once.
+const PASSWD: &str = "/etc/passwd";
+/// How long a cached user is trusted while the database file stays the same; bounds how
+/// stale an entry from another NSS source (LDAP, say) can get.
+const USER_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Users kept at most (a sandbox has a handful).
+const USER_CACHE_MAX: usize = 64;
+
+/// Users found by name, so that a request does not read and parse the user database each
+/// time (seven syscalls through NSS, a large share of a small upload's). An entry is used
+/// only while `/etc/passwd` is the same file with the same size and times as when it was
+/// read (one `stat`), and for at most [`USER_CACHE_TTL`]. Unknown names are never cached:
+/// a user added a moment ago is found.
+#[derive(Debug, Default)]
+struct UserCache {
+    users: Mutex<HashMap<String, (User, Stamp, Instant)>>,
+}
+
+/// What identifies one version of the user database file: device, inode, size, and
+/// modification and change times.
+type Stamp = Option<(u64, u64, u64, [i64; 4])>;
+
+fn passwd_stamp() -> Stamp {
+    std::fs::metadata(PASSWD).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            m.size(),
+            [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()],
+        )
+    })
+}
+
+impl UserCache {
+    fn lookup(&self, name: &str) -> Result<Option<User>> {
+        let stamp = passwd_stamp();
+        let users = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((user, seen, at)) = users.get(name) {
+            if stamp.is_some() && *seen == stamp && at.elapsed() < USER_CACHE_TTL {
+                return Ok(Some(user.clone()));
+            }
+        }
+        drop(users);
+        let found = User::lookup(name)?;
+        if let Some(user) = &found {
+            let mut users = self
+                .users
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if users.len() >= USER_CACHE_MAX {
+                users.clear();
+            }
+            users.insert(name.to_owned(), (user.clone(), stamp, Instant::now()));
+        }
+        Ok(found)
+    }
 }
 
 /// A resolved requester: the user and the workdir that apply to its paths.
@@ -53,6 +118,7 @@ impl Identity {
                 user: default_user.to_owned(),
                 workdir: None,
             }),
+            users: UserCache::default(),
         }
     }
 
@@ -87,12 +153,14 @@ impl Identity {
     pub fn for_rpc(&self, authorization: Option<&[u8]>) -> Result<Requester> {
         let defaults = self.defaults();
         let user = match authorization.and_then(basic_auth_user) {
-            Some(name) => User::lookup(&name)?
+            Some(name) => self
+                .users
+                .lookup(&name)?
                 .ok_or_else(|| Error::Unauthenticated(format!("invalid username: '{name}'")))?,
             None if defaults.user.is_empty() => {
                 return Err(Error::Unauthenticated("no user specified".into()));
             }
-            None => User::lookup(&defaults.user)?.ok_or_else(|| {
+            None => self.users.lookup(&defaults.user)?.ok_or_else(|| {
                 Error::Unauthenticated(format!("invalid default user: '{}'", defaults.user))
             })?,
         };
@@ -111,7 +179,7 @@ impl Identity {
     pub fn for_files(&self, username: Option<&str>) -> Result<Requester> {
         let defaults = self.defaults();
         let name = username.unwrap_or(&defaults.user);
-        let user = User::lookup(name)?.ok_or_else(|| {
+        let user = self.users.lookup(name)?.ok_or_else(|| {
             Error::Unauthenticated(format!(
                 "error looking up user '{name}': user: unknown user {name}"
             ))
@@ -165,5 +233,22 @@ mod tests {
         identity.set_defaults(None, Some(Path::new("/tmp")));
         let req = identity.for_files(None).expect("default");
         assert_eq!(req.resolve("").expect("resolve"), PathBuf::from("/tmp"));
+    }
+
+    #[test]
+    fn cached_users_are_the_database_users_and_unknown_names_stay_unknown() {
+        let cache = UserCache::default();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .expect("lookup")
+            .expect("in the database");
+        let direct = User::lookup(&me.name).expect("lookup");
+        assert_eq!(cache.lookup(&me.name).expect("first"), direct);
+        assert_eq!(cache.lookup(&me.name).expect("cached"), direct);
+        let unknown = "no-such-user-envd-test";
+        assert_eq!(cache.lookup(unknown).expect("lookup"), None);
+        assert!(
+            !cache.users.lock().expect("lock").contains_key(unknown),
+            "unknown names are not cached"
+        );
     }
 }
