@@ -179,9 +179,27 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
     let state = State::new();
     let first = state.start();
     let pid = start_and_see(&first, bash("echo up; exec sleep 1000", None), "up").await;
+    // Until the saver has written its pid, the process is saved as pending (see
+    // `a_process_saved_while_its_keeper_was_starting_it_is_adopted`).
+    let table_path = state.path().join("processes.json");
+    let saved_pid = |path: &Path| {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .is_some_and(|table| {
+                table["data"]
+                    .as_array()
+                    .is_some_and(|entries| entries.iter().any(|e| e["pid"] == pid))
+            })
+    };
+    wait_until(
+        "the pid in the saved table",
+        Duration::from_secs(10),
+        || saved_pid(&table_path),
+    )
+    .await;
     first.signal_and_wait(Signal::SIGKILL);
     // Pretend the pid now belongs to another process: same pid, another start time.
-    let table_path = state.path().join("processes.json");
     let mut table: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&table_path).expect("table")).expect("json");
     let entry = table["data"]
@@ -207,6 +225,8 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
 
     for name in ["processes.json", "init.json"] {
         std::fs::write(state.path().join(name), b"{ this is not json").expect("corrupt");
+        // A save the kill cut short would be completed from its temp file instead.
+        let _ = std::fs::remove_file(state.path().join(format!(".{name}.tmp")));
     }
     let third = state.start();
     let response = http()
@@ -259,7 +279,7 @@ async fn a_process_saved_while_its_keeper_was_starting_it_is_adopted() {
         .as_array_mut()
         .expect("entries")
         .iter_mut()
-        .find(|e| e["pid"] == pid)
+        .find(|e| e["tag"] == "pending")
         .expect("saved");
     entry["pid"] = json!(0);
     entry["start_time"] = json!(0);

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use crate::fs::write::TEMP_SUFFIX;
 
@@ -96,7 +96,7 @@ impl Journal {
             .write(true)
             .mode(0o600)
             .open(dir.join(LOCK_FILE))?;
-        let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        let lock = crate::persist::lock_waiting(lock).map_err(|errno| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!(

@@ -24,6 +24,31 @@ struct Envelope<T> {
     data: T,
 }
 
+/// How long [`lock_waiting`] waits for a lock to come free.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes an exclusive `flock` on `file`, waiting up to [`LOCK_WAIT`] for it. A daemon that
+/// was just killed can leave its lock held for a moment: a child it was starting holds a
+/// copy of its descriptors until that child's `exec` closes them.
+///
+/// # Errors
+/// The errno of the last attempt (`EWOULDBLOCK` when another holder kept it).
+pub fn lock_waiting(file: File) -> Result<nix::fcntl::Flock<File>, nix::errno::Errno> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = back;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err((_, errno)) => return Err(errno),
+        }
+    }
+}
+
 /// The daemon's state directory, locked for this daemon while it runs.
 #[derive(Debug)]
 pub struct StateDir {
@@ -51,13 +76,12 @@ impl StateDir {
             .truncate(false)
             .mode(0o600)
             .open(root.join("lock"))?;
-        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| {
-                io::Error::new(
-                    io::Error::from(errno).kind(),
-                    format!("{} is in use by another envd ({errno})", root.display()),
-                )
-            })?;
+        let lock = lock_waiting(lock_file).map_err(|errno| {
+            io::Error::new(
+                io::Error::from(errno).kind(),
+                format!("{} is in use by another envd ({errno})", root.display()),
+            )
+        })?;
         Ok(StateDir {
             root: root.to_path_buf(),
             _lock: lock,

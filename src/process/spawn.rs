@@ -3,12 +3,11 @@
 //! child leads its own session, so a signal can reach the whole group it starts.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::fs::user::User;
-use crate::process::keeper::KeeperSpec;
+use crate::process::keeper::{Credentials, KeeperSpec};
 
 /// PATH given to children when the daemon has none (systemd's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -36,7 +35,8 @@ pub struct Spec {
     pub stdin: bool,
 }
 
-/// Resolves `spec` into what a keeper runs.
+/// Resolves `spec` into what a keeper runs. Reads no file: the keeper checks the working
+/// directory and looks up the user's groups.
 ///
 /// # Errors
 /// [`Error::PermissionDenied`] when another user is asked for and the daemon is not root.
@@ -53,33 +53,26 @@ pub fn keeper_spec(spec: &Spec) -> Result<KeeperSpec> {
     })
 }
 
-fn credentials(spec: &Spec) -> Result<Option<(u32, u32, Vec<u32>)>> {
+fn credentials(spec: &Spec) -> Result<Option<Credentials>> {
     let daemon_uid = nix::unistd::geteuid();
-    let credentials = if daemon_uid.is_root() {
-        let name = CString::new(spec.user.name.clone())
-            .map_err(|_| Error::InvalidArgument("user name contains NUL".into()))?;
-        let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(spec.user.gid))
-            .map_err(|err| {
-                Error::io(
-                    format!("looking up the groups of '{}'", spec.user.name),
-                    err.into(),
-                )
-            })?;
-        Some((
-            spec.user.uid,
-            spec.user.gid,
-            groups.into_iter().map(|g| g.as_raw()).collect(),
-        ))
+    if daemon_uid.is_root() {
+        if spec.user.name.contains('\0') {
+            return Err(Error::InvalidArgument("user name contains NUL".into()));
+        }
+        Ok(Some(Credentials {
+            name: spec.user.name.clone(),
+            uid: spec.user.uid,
+            gid: spec.user.gid,
+        }))
     } else if spec.user.uid == daemon_uid.as_raw() {
-        None
+        Ok(None)
     } else {
-        return Err(Error::PermissionDenied(format!(
+        Err(Error::PermissionDenied(format!(
             "running a process as '{}' needs root: envd runs as uid {}",
             spec.user.name,
             daemon_uid.as_raw()
-        )));
-    };
-    Ok(credentials)
+        )))
+    }
 }
 
 /// The environment, later sources winning: PATH, HOME, USER, LOGNAME, SHELL, the daemon's
@@ -141,7 +134,12 @@ pub fn spawn_direct(spec: &Spec) -> Result<Direct> {
     crate::sys::configure_child(
         command.as_std_mut(),
         crate::sys::ChildSetup {
-            credentials: resolved.credentials,
+            credentials: resolved
+                .credentials
+                .as_ref()
+                .map(Credentials::with_groups)
+                .transpose()
+                .map_err(|err| Error::io("error starting process", err))?,
             controlling_tty: false,
             oom_score_adj: resolved.oom_score_adj,
             die_with_parent: false,

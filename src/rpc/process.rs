@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::Error;
 use crate::process::output::{Ended, Event, Stream as OutputStream, Subscription};
 use crate::process::registry::{Config, Found, Process, ProcessTable, Selector};
 use crate::process::spawn::Spec;
@@ -215,16 +214,8 @@ impl ProcessRpc for ProcessService {
             pty: size,
             stdin: stdin.unwrap_or(true),
         };
-        let spec = crate::rpc::blocking(move || {
-            if !spec.cwd.exists() {
-                return Err(Error::InvalidArgument(format!(
-                    "cwd '{}' does not exist",
-                    spec.cwd.display()
-                )));
-            }
-            Ok(spec)
-        })
-        .await?;
+        // The keeper checks the working directory (and says so if it is missing): no trip
+        // to the blocking pool on the way to a start.
         let (process, subscription) = self.table.start(&spec, config, tag, deadline).await?;
         let wrap = |event| pb::StartResponse { event: Some(event) };
         Ok(event_stream(process.pid, Ok(subscription), keepalive, wrap))

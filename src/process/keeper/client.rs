@@ -130,10 +130,9 @@ impl Spare {
                     .map_err(|err| lost(std::io::Error::other(err)))?;
                 Ok(Link::new(hello, reader, writer, decoder))
             }
-            to_daemon::START_FAILED => Err(StartError::Failed(Error::InvalidArgument(format!(
-                "error starting process: {}",
-                String::from_utf8_lossy(&payload)
-            )))),
+            to_daemon::START_FAILED => Err(StartError::Failed(Error::InvalidArgument(
+                String::from_utf8_lossy(&payload).into_owned(),
+            ))),
             _ => Err(lost(std::io::Error::other(
                 "a process keeper answered out of turn",
             ))),

@@ -88,26 +88,11 @@ fn run(socket: &Path) -> io::Result<()> {
     // End of file without a spec: the daemon that started this spare is gone.
     let spec: KeeperSpec =
         serde_json::from_slice(&read_spec(&first, &mut decoder)?).map_err(io::Error::other)?;
-    let started = match start(&spec, &spec.program, &spec.args) {
-        Err(err) if is_exec_failure(&err) => {
-            // As envd: a program that cannot run goes through the shell, which says why on
-            // stderr and exits 127 or 126.
-            let mut args = vec![
-                "-c".to_owned(),
-                "exec \"$0\" \"$@\"".to_owned(),
-                spec.program.clone(),
-            ];
-            args.extend(spec.args.iter().cloned());
-            start(&spec, "/bin/sh", &args)
-        }
-        other => other,
-    };
-    let (mut child, outputs, stdin, pty) = match started {
+    let (mut child, outputs, stdin, pty) = match launch(&spec) {
         Ok(started) => started,
-        Err(err) => {
-            let _ =
-                (&first).write_all(&encode(to_daemon::START_FAILED, err.to_string().as_bytes()));
-            return Err(err);
+        Err(message) => {
+            let _ = (&first).write_all(&encode(to_daemon::START_FAILED, message.as_bytes()));
+            return Err(io::Error::other(message));
         }
     };
     let pid = child.id();
@@ -413,7 +398,41 @@ type Started = (
     Option<OwnedFd>,
 );
 
-fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Started> {
+/// Starts the process of `spec`; on failure, what the client is told.
+fn launch(spec: &KeeperSpec) -> Result<Started, String> {
+    if !spec.cwd.exists() {
+        return Err(format!("cwd '{}' does not exist", spec.cwd.display()));
+    }
+    let failed = |err: io::Error| format!("error starting process: {err}");
+    let credentials = spec
+        .credentials
+        .as_ref()
+        .map(crate::process::keeper::Credentials::with_groups)
+        .transpose()
+        .map_err(failed)?;
+    match start(spec, credentials.clone(), &spec.program, &spec.args) {
+        Err(err) if is_exec_failure(&err) => {
+            // As envd: a program that cannot run goes through the shell, which says why on
+            // stderr and exits 127 or 126.
+            let mut args = vec![
+                "-c".to_owned(),
+                "exec \"$0\" \"$@\"".to_owned(),
+                spec.program.clone(),
+            ];
+            args.extend(spec.args.iter().cloned());
+            start(spec, credentials, "/bin/sh", &args)
+        }
+        other => other,
+    }
+    .map_err(failed)
+}
+
+fn start(
+    spec: &KeeperSpec,
+    credentials: Option<(u32, u32, Vec<u32>)>,
+    program: &str,
+    args: &[String],
+) -> io::Result<Started> {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -444,7 +463,7 @@ fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Starte
     configure_child(
         &mut command,
         ChildSetup {
-            credentials: spec.credentials.clone(),
+            credentials,
             controlling_tty: spec.pty.is_some(),
             oom_score_adj: spec.oom_score_adj,
             die_with_parent: true,
