@@ -3,11 +3,12 @@
 //! child leads its own session, so a signal can reach the whole group it starts.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::fs::user::User;
-use crate::process::keeper::{Credentials, KeeperSpec};
+use crate::process::keeper::KeeperSpec;
 
 /// PATH given to children when the daemon has none (systemd's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -35,8 +36,7 @@ pub struct Spec {
     pub stdin: bool,
 }
 
-/// Resolves `spec` into what a keeper runs. Reads no file: the keeper checks the working
-/// directory and looks up the user's groups.
+/// Resolves `spec` into what a keeper runs.
 ///
 /// # Errors
 /// [`Error::PermissionDenied`] when another user is asked for and the daemon is not root.
@@ -53,26 +53,33 @@ pub fn keeper_spec(spec: &Spec) -> Result<KeeperSpec> {
     })
 }
 
-fn credentials(spec: &Spec) -> Result<Option<Credentials>> {
+fn credentials(spec: &Spec) -> Result<Option<(u32, u32, Vec<u32>)>> {
     let daemon_uid = nix::unistd::geteuid();
-    if daemon_uid.is_root() {
-        if spec.user.name.contains('\0') {
-            return Err(Error::InvalidArgument("user name contains NUL".into()));
-        }
-        Ok(Some(Credentials {
-            name: spec.user.name.clone(),
-            uid: spec.user.uid,
-            gid: spec.user.gid,
-        }))
+    let credentials = if daemon_uid.is_root() {
+        let name = CString::new(spec.user.name.clone())
+            .map_err(|_| Error::InvalidArgument("user name contains NUL".into()))?;
+        let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(spec.user.gid))
+            .map_err(|err| {
+                Error::io(
+                    format!("looking up the groups of '{}'", spec.user.name),
+                    err.into(),
+                )
+            })?;
+        Some((
+            spec.user.uid,
+            spec.user.gid,
+            groups.into_iter().map(|g| g.as_raw()).collect(),
+        ))
     } else if spec.user.uid == daemon_uid.as_raw() {
-        Ok(None)
+        None
     } else {
-        Err(Error::PermissionDenied(format!(
+        return Err(Error::PermissionDenied(format!(
             "running a process as '{}' needs root: envd runs as uid {}",
             spec.user.name,
             daemon_uid.as_raw()
-        )))
-    }
+        )));
+    };
+    Ok(credentials)
 }
 
 /// The environment, later sources winning: PATH, HOME, USER, LOGNAME, SHELL, the daemon's
@@ -134,12 +141,7 @@ pub fn spawn_direct(spec: &Spec) -> Result<Direct> {
     crate::sys::configure_child(
         command.as_std_mut(),
         crate::sys::ChildSetup {
-            credentials: resolved
-                .credentials
-                .as_ref()
-                .map(Credentials::with_groups)
-                .transpose()
-                .map_err(|err| Error::io("error starting process", err))?,
+            credentials: resolved.credentials,
             controlling_tty: false,
             oom_score_adj: resolved.oom_score_adj,
             die_with_parent: false,

@@ -73,49 +73,14 @@ pub struct KeeperSpec {
     pub env: BTreeMap<String, String>,
     /// Working directory.
     pub cwd: PathBuf,
-    /// The user to switch to; `None` keeps the keeper's. The keeper looks up its groups,
-    /// so that the daemon reads no group database on a start.
-    pub credentials: Option<Credentials>,
+    /// `(uid, gid, supplementary gids)` to switch to; `None` keeps the keeper's.
+    pub credentials: Option<(u32, u32, Vec<u32>)>,
     /// Terminal size `(cols, rows)` for a PTY process.
     pub pty: Option<(u16, u16)>,
     /// Whether stdin is a pipe (else `/dev/null`); ignored with a PTY.
     pub stdin: bool,
     /// The child's `oom_score_adj`.
     pub oom_score_adj: Option<i32>,
-}
-
-/// A user to run a process as.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Credentials {
-    /// Login name (for the supplementary groups).
-    pub name: String,
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-}
-
-impl Credentials {
-    /// `(uid, gid, supplementary gids)` from the group database.
-    ///
-    /// # Errors
-    /// When the name is not a C string or the groups cannot be read.
-    pub fn with_groups(&self) -> std::io::Result<(u32, u32, Vec<u32>)> {
-        let name = std::ffi::CString::new(self.name.clone())
-            .map_err(|_| std::io::Error::other("user name contains NUL"))?;
-        let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(self.gid))
-            .map_err(|err| {
-                std::io::Error::new(
-                    std::io::Error::from(err).kind(),
-                    format!("looking up the groups of '{}': {err}", self.name),
-                )
-            })?;
-        Ok((
-            self.uid,
-            self.gid,
-            groups.into_iter().map(|g| g.as_raw()).collect(),
-        ))
-    }
 }
 
 /// What a keeper says first on every connection, and on its handshake line.

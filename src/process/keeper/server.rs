@@ -403,13 +403,7 @@ fn launch(spec: &KeeperSpec) -> Result<Started, String> {
     if !spec.cwd.exists() {
         return Err(format!("cwd '{}' does not exist", spec.cwd.display()));
     }
-    let failed = |err: io::Error| format!("error starting process: {err}");
-    let credentials = spec
-        .credentials
-        .as_ref()
-        .map(crate::process::keeper::Credentials::with_groups)
-        .transpose()
-        .map_err(failed)?;
+    let credentials = spec.credentials.clone();
     match start(spec, credentials.clone(), &spec.program, &spec.args) {
         Err(err) if is_exec_failure(&err) => {
             // As envd: a program that cannot run goes through the shell, which says why on
@@ -424,7 +418,7 @@ fn launch(spec: &KeeperSpec) -> Result<Started, String> {
         }
         other => other,
     }
-    .map_err(failed)
+    .map_err(|err| format!("error starting process: {err}"))
 }
 
 fn start(
