@@ -128,7 +128,10 @@ impl StateDir {
         if serde_json::from_slice::<Envelope<serde::de::IgnoredAny>>(&bytes).is_ok() {
             let _ = std::fs::remove_file(self.root.join(name));
             if std::fs::rename(&temp, self.root.join(name)).is_ok() {
-                tracing::info!(file = name, "completed a state file save interrupted by a crash");
+                tracing::info!(
+                    file = name,
+                    "completed a state file save interrupted by a crash"
+                );
                 return;
             }
         }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::process::{ChildStdin, ChildStdout};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{ChildStdin, ChildStdout};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -107,7 +107,8 @@ impl Spare {
         let json = serde_json::to_vec(spec).map_err(|err| {
             StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
         })?;
-        let lost = |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
+        let lost =
+            |err| StartError::KeeperLost(Error::io("error talking to a process keeper", err));
         stdin.write_all(&json).await.map_err(lost)?;
         drop(stdin);
         let mut line = String::new();
