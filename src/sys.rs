@@ -1,5 +1,6 @@
-//! The only module allowed `unsafe`: what a child needs between `fork` and `exec`, and the
-//! terminal ioctls. Every block says why it is sound.
+//! The only module allowed `unsafe`: what a child needs between `fork` and `exec`, the
+//! terminal ioctls, and the C `pow` the binary defines for itself. Every block says why it
+//! is sound.
 
 #![allow(unsafe_code)]
 
@@ -141,4 +142,39 @@ pub fn limit_malloc_arenas(arenas: i32) {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = arenas;
+}
+
+/// The C library's `pow`, defined in the binary so that the dynamic linker does not load
+/// libm for it: tokio's multi-threaded scheduler (`f64::powf`, in its poll-time average) is
+/// the only user of libm in the whole binary, and mapping and relocating libm.so kept
+/// 0.5 MiB resident in an idle daemon (README, "Benchmark", `idle_rss`). The `libm` crate
+/// is the Rust port of the FreeBSD/musl implementation (within 1 ulp; glibc's is within
+/// 0.52). Shared libraries do not see this definition: the executable exports no symbols
+/// they could bind to, so a library that uses `pow` still gets its own libm.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+// SAFETY: `pow` is not defined anywhere else in the binary (libm.so is no longer linked:
+// the linker would otherwise have resolved tokio's reference there), and this definition
+// has the C signature and semantics of pow(3): it only computes on its arguments.
+#[unsafe(no_mangle)]
+pub extern "C" fn pow(x: f64, y: f64) -> f64 {
+    libm::pow(x, y)
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn pow_is_pow() {
+        use super::pow;
+        let close = |got: f64, want: f64| (got - want).abs() <= want.abs() * f64::EPSILON;
+        assert_eq!(pow(2.0, 10.0), 1024.0);
+        assert_eq!(pow(-2.0, 3.0), -8.0);
+        assert_eq!(pow(5.0, 0.0), 1.0);
+        assert!(close(pow(2.0, 0.5), std::f64::consts::SQRT_2));
+        assert!(close(pow(std::f64::consts::E, 2.0), 7.389_056_098_930_65));
+        // tokio's use: the weight of `n` polls in its moving average.
+        assert!(close(pow(0.9, 3.0), 0.729));
+        assert!(pow(-1.0, 0.5).is_nan());
+        assert_eq!(pow(0.0, -1.0), f64::INFINITY);
+    }
 }

@@ -192,7 +192,7 @@ impl App {
             .expect("runtime");
         let app = runtime.block_on(async {
             let state = envd::state::AppState::new(envd::config::Config::ephemeral(), None);
-            let rpc = envd::rpc::Rpc::new(state.clone()).expect("rpc");
+            let rpc = envd::rpc::Rpc::new(state.clone());
             envd::server::app(state, rpc)
         });
         App { runtime, app }

@@ -15,6 +15,7 @@ pub mod ext_processes;
 pub mod filesystem;
 pub mod lifetime;
 pub mod process;
+pub mod reflection;
 pub mod trailers;
 
 use std::convert::Infallible;
@@ -75,16 +76,8 @@ pub struct Rpc {
 
 impl Rpc {
     /// Builds the services (filesystem, process, reflection) over the shared state.
-    ///
-    /// # Errors
-    /// When the embedded descriptor set cannot be loaded for reflection (a build defect).
-    pub fn new(state: AppState) -> Result<Self, tonic_reflection::server::Error> {
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+    /// Reflection is built on its first call ([`reflection`]).
+    pub fn new(state: AppState) -> Self {
         let table = state.processes.clone();
         let max_message = state.config.limits.max_message_bytes;
         let routes = tonic::service::Routes::new(
@@ -106,8 +99,8 @@ impl Rpc {
             ))
             .max_decoding_message_size(max_message),
         )
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(reflection::v1())
+        .add_service(reflection::v1alpha());
         let services = GrpcService::new(routes);
         let shutdown = state.shutdown.clone();
         let tokens = state.access.clone();
@@ -131,10 +124,10 @@ impl Rpc {
         } else {
             grpc
         };
-        Ok(Rpc {
+        Rpc {
             grpc: GrpcService::new(CatchPanic::<_, Grpc>::new(grpc)),
             limits: connect::MessageLimits::of(&state.config.limits),
-        })
+        }
     }
 
     /// True when `path` names an RPC (`/package.Service/Method`), not a REST resource.
