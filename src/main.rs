@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    envd::sys::limit_malloc_arenas(
+    envd::sys::tune_malloc(
         std::thread::available_parallelism().map_or(2, |n| i32::try_from(n.get()).unwrap_or(2)),
     );
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
