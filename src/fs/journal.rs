@@ -342,6 +342,19 @@ fn remove_temp(temp: &Path) -> bool {
 mod tests {
     use super::*;
 
+    /// Opens the journal again, as the next daemon: it finds one upload open and removes
+    /// its temp file.
+    fn reopen_sweeps_one(dir: &Path) {
+        let (_journal, sweep) = Journal::open(dir).expect("reopen");
+        assert_eq!(
+            sweep,
+            Sweep {
+                entries: 1,
+                removed: 1
+            }
+        );
+    }
+
     /// What a crash with `open` in progress leaves: the log as it is now, though this
     /// process goes on (and lets go of the journal's lock).
     fn crash_with(dir: &Path, open: Entry, journal: Arc<Journal>) {
@@ -370,14 +383,7 @@ mod tests {
             std::fs::write(&kept, b"published elsewhere").expect("kept");
             crash_with(&journal_dir, entry, journal);
         }
-        let (_journal, sweep) = Journal::open(&journal_dir).expect("reopen");
-        assert_eq!(
-            sweep,
-            Sweep {
-                entries: 1,
-                removed: 1
-            }
-        );
+        reopen_sweeps_one(&journal_dir);
         assert!(!temp.exists(), "the crashed upload's temp file is gone");
         assert!(kept.exists(), "a file without an entry is left alone");
         let left: Vec<_> = std::fs::read_dir(&journal_dir)
@@ -475,14 +481,7 @@ mod tests {
         );
         // A crash now: the next open finds exactly the long upload open.
         crash_with(&journal_dir, long, journal);
-        let (_journal, sweep) = Journal::open(&journal_dir).expect("reopen");
-        assert_eq!(
-            sweep,
-            Sweep {
-                entries: 1,
-                removed: 1
-            }
-        );
+        reopen_sweeps_one(&journal_dir);
         assert!(!temp(0).exists());
     }
 

@@ -16,40 +16,49 @@ use tower::{Service, ServiceExt};
 /// What a reflection call returns.
 pub type ReflectionFuture = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
 
+/// What each reflection service is: a tonic service, built on its first call.
+pub trait Reflection:
+    Service<
+        Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future = ReflectionFuture,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Reflection for T where
+    T: Service<
+            Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future = ReflectionFuture,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The builder both versions start from: the daemon's descriptor set.
+fn builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+}
+
 /// The v1 reflection service.
-pub fn v1() -> impl Service<
-    Request<Body>,
-    Response = http::Response<Body>,
-    Error = Infallible,
-    Future = ReflectionFuture,
-> + NamedService
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    Lazy::new(|| {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-    })
+pub fn v1() -> impl Reflection {
+    Lazy::new(|| builder().build_v1())
 }
 
 /// The v1alpha reflection service (grpcurl and older clients).
-pub fn v1alpha() -> impl Service<
-    Request<Body>,
-    Response = http::Response<Body>,
-    Error = Infallible,
-    Future = ReflectionFuture,
-> + NamedService
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    Lazy::new(|| {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-    })
+pub fn v1alpha() -> impl Reflection {
+    Lazy::new(|| builder().build_v1alpha())
 }
 
 type Built<S> = Result<S, String>;
@@ -128,14 +137,8 @@ mod tests {
 
     #[test]
     fn the_embedded_descriptor_set_builds_both_versions() {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .expect("v1");
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .expect("v1alpha");
+        builder().build_v1().expect("v1");
+        builder().build_v1alpha().expect("v1alpha");
     }
 
     #[test]
