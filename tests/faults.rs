@@ -24,15 +24,6 @@ fn is_root() -> bool {
     nix::unistd::getuid().is_root()
 }
 
-fn temps(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .expect("read_dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(envd::fs::write::TEMP_SUFFIX))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_is_clear_does_not_spin_and_recovers() {
     if !is_root() {
@@ -247,7 +238,7 @@ async fn a_read_only_filesystem_gives_clear_errors_and_keeps_the_files() {
     if common::xattrs_supported(dir.path()) {
         assert_eq!(getfattr(&path), map(&[("v", "1")]));
     }
-    assert!(temps(&mount.0).is_empty());
+    assert!(common::upload_temps(&mount.0).is_empty());
 
     // Writable again: the daemon writes again, no restart needed.
     mount.remount("rw");
@@ -388,7 +379,7 @@ async fn kill_9_mid_upload_leaves_the_old_file_and_the_next_start_removes_the_te
     let _socket = hanging_upload(&daemon, &path).await;
     wait_for_dir_change(
         dir.path(),
-        || !temps(dir.path()).is_empty(),
+        || !common::upload_temps(dir.path()).is_empty(),
         LIMIT,
         "the upload's temp file",
     );
@@ -397,11 +388,15 @@ async fn kill_9_mid_upload_leaves_the_old_file_and_the_next_start_removes_the_te
     if xattrs {
         assert_eq!(getfattr(&path), map(&[("v", "old")]));
     }
-    assert_eq!(temps(dir.path()).len(), 1, "the crash left its temp file");
+    assert_eq!(
+        common::upload_temps(dir.path()).len(),
+        1,
+        "the crash left its temp file"
+    );
 
     // The next start removes it before it accepts anything (before its ready line).
     let daemon = Daemon::start_with(&args, &[]);
-    assert_eq!(temps(dir.path()), Vec::<String>::new());
+    assert_eq!(common::upload_temps(dir.path()), Vec::<String>::new());
     assert_eq!(std::fs::read(&path).expect("read"), b"old content");
     let response = upload(&daemon, &path, "new content", &[("v", "new")]).await;
     assert_eq!(response.status(), 200);
@@ -424,7 +419,7 @@ async fn kill_9_at_any_moment_leaves_old_or_new_never_a_mix() {
     for round in 0..ROUNDS {
         let daemon = Daemon::start_with(&args, &[]);
         assert!(
-            temps(dir.path()).is_empty(),
+            common::upload_temps(dir.path()).is_empty(),
             "round {round}: a temp survived a start"
         );
         let url = daemon.url("/files");
@@ -472,5 +467,5 @@ async fn kill_9_at_any_moment_leaves_old_or_new_never_a_mix() {
         }
     }
     let _daemon = Daemon::start_with(&args, &[]);
-    assert!(temps(dir.path()).is_empty());
+    assert!(common::upload_temps(dir.path()).is_empty());
 }

@@ -131,7 +131,7 @@ async fn every_validation_failure_is_400_and_leaves_the_old_file() {
         assert_eq!(std::fs::read(&path).expect("read"), b"original");
         assert_eq!(getfattr(&path), map(&[("owner", "alice")]));
     }
-    assert_eq!(leftover_temps(dir.path()), Vec::<String>::new());
+    assert_eq!(common::upload_temps(dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -170,7 +170,7 @@ async fn metadata_boundaries_are_exact() {
         400
     );
     assert_eq!(getfattr(&path), stored);
-    assert_eq!(leftover_temps(dir.path()), Vec::<String>::new());
+    assert_eq!(common::upload_temps(dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -374,7 +374,7 @@ async fn concurrent_uploads_never_mix_content_and_metadata() {
     let final_writer = getfattr(&path).remove("writer").expect("writer key");
     let content = std::fs::read_to_string(&path).expect("read");
     assert_eq!(content, format!("writer-{final_writer}").repeat(1000));
-    assert_eq!(leftover_temps(dir.path()), Vec::<String>::new());
+    assert_eq!(common::upload_temps(dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -403,13 +403,13 @@ async fn a_client_vanishing_mid_upload_leaves_the_old_file_and_no_temp() {
     // Wait until the daemon has started writing the temp file, then vanish.
     wait_for_dir(
         dir.path(),
-        || !leftover_temps(dir.path()).is_empty(),
+        || !common::upload_temps(dir.path()).is_empty(),
         "a temp file to appear",
     );
     drop(socket);
     wait_for_dir(
         dir.path(),
-        || leftover_temps(dir.path()).is_empty(),
+        || common::upload_temps(dir.path()).is_empty(),
         "the temp file to be removed",
     );
     assert_eq!(std::fs::read(&path).expect("read"), b"old content");
@@ -494,7 +494,7 @@ async fn disk_full_is_507_and_the_old_file_survives() {
         "{body}"
     );
     assert_eq!(std::fs::read(&path).expect("read"), b"precious");
-    assert_eq!(leftover_temps(&mount), Vec::<String>::new());
+    assert_eq!(common::upload_temps(&mount), Vec::<String>::new());
     // Space is back: the next upload works.
     assert_eq!(upload(&daemon, &path, "again", &[]).await.status(), 200);
 }
@@ -505,15 +505,6 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
-}
-
-fn leftover_temps(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .expect("read_dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(envd::fs::write::TEMP_SUFFIX))
-        .collect()
 }
 
 /// Waits, woken by inotify events on `dir`, until `condition` holds (hard deadline).

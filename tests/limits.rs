@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, envelope, grpc_channel, http, upload, wait_for_dir_change};
@@ -49,18 +48,6 @@ async fn health(daemon: &Daemon) {
         .expect("health")
         .status();
     assert_eq!(status, 204, "the daemon still serves");
-}
-
-fn temps(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .expect("read_dir")
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .ends_with(envd::fs::write::TEMP_SUFFIX)
-        })
-        .count()
 }
 
 #[tokio::test]
@@ -300,7 +287,7 @@ async fn a_stalled_upload_is_408_and_leaves_the_old_file_and_no_temp() {
     assert!(answer.contains("sent nothing for 1 s"), "{answer}");
     wait_for_dir_change(
         dir.path(),
-        || temps(dir.path()) == 0,
+        || common::upload_temps(dir.path()).is_empty(),
         Duration::from_secs(10),
         "the temp file to be removed",
     );
@@ -357,7 +344,7 @@ async fn stalled_uploads_do_not_pin_the_blocking_threads() {
     // Every upload has begun (each made its temp file on a blocking thread) ...
     wait_for_dir_change(
         dir.path(),
-        || temps(dir.path()) == STALLED,
+        || common::upload_temps(dir.path()).len() == STALLED,
         Duration::from_secs(10),
         "every stalled upload to begin",
     );
@@ -376,7 +363,7 @@ async fn stalled_uploads_do_not_pin_the_blocking_threads() {
     drop(sockets);
     wait_for_dir_change(
         dir.path(),
-        || temps(dir.path()) == 0,
+        || common::upload_temps(dir.path()).is_empty(),
         Duration::from_secs(10),
         "the abandoned uploads to be removed",
     );

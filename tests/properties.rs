@@ -9,8 +9,9 @@
 //! next to them, in the modules' tests. (cargo-fuzz needs a nightly toolchain, which this
 //! project's machines do not have; proptest runs on stable, in `cargo test`.)
 
+mod common;
+
 use std::convert::Infallible;
-use std::path::Path;
 
 use axum::body::Body;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -215,15 +216,6 @@ impl App {
     }
 }
 
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .expect("read_dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(envd::fs::write::TEMP_SUFFIX))
-        .collect()
-}
-
 /// A multipart body: well-formed parts mixed with garbage, any boundary.
 fn multipart() -> impl Strategy<Value = (String, Vec<u8>)> {
     let part = prop_oneof![
@@ -274,7 +266,7 @@ proptest! {
             .expect("request");
         let (status, answer) = APP.with(|app| app.call(request));
         prop_assert!(status == StatusCode::OK || status.is_client_error(), "{status}: {answer:?}");
-        prop_assert!(leftovers(dir.path()).is_empty());
+        prop_assert!(common::upload_temps(dir.path()).is_empty());
         if status == StatusCode::OK {
             let listed: serde_json::Value = serde_json::from_slice(&answer).expect("JSON");
             if !listed.as_array().expect("a list").is_empty() {
@@ -302,6 +294,6 @@ proptest! {
         let (status, answer) = APP.with(|app| app.call(request.body(Body::from("content")).expect("request")));
         prop_assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST, "{status}: {answer:?}");
         prop_assert_eq!(target.exists(), status == StatusCode::OK);
-        prop_assert!(leftovers(dir.path()).is_empty());
+        prop_assert!(common::upload_temps(dir.path()).is_empty());
     }
 }

@@ -180,6 +180,16 @@ pub fn kill_keepers(state_dir: &Path) {
     }
 }
 
+/// The names of the upload temp files (`*.envd-upload`) in `dir`.
+pub fn upload_temps(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(envd::fs::write::TEMP_SUFFIX))
+        .collect()
+}
+
 /// A plain HTTP/1.1 client.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().build().expect("client")
