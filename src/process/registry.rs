@@ -254,6 +254,7 @@ impl ProcessTable {
                         record.stdin,
                         deadline,
                         false,
+                        None,
                     );
                     adopted += 1;
                 }
@@ -318,9 +319,8 @@ impl ProcessTable {
             stdin,
             deadline,
             true,
+            Some(slot),
         );
-        // The saver writes the pid soon; until then the pending record stands for it.
-        self.remove_pending(slot);
         let subscription =
             subscription.ok_or_else(|| Error::Internal("a new process hub is closed".into()))?;
         Ok((process, subscription))
@@ -377,7 +377,7 @@ impl ProcessTable {
         slot
     }
 
-    /// Drops a pending record (the process is registered, or never started).
+    /// Drops a pending record whose process never started.
     fn remove_pending(&self, slot: u64) {
         self.lock().starting.remove(&slot);
         self.changed.send_modify(|n| *n += 1);
@@ -391,7 +391,7 @@ impl ProcessTable {
 
     /// Starts a spare keeper in the background unless there is one. A keeper that cannot
     /// be started now is logged; the next process start then starts its own.
-    pub fn refill_spare(self: &Arc<Self>) {
+    fn refill_spare(self: &Arc<Self>) {
         let table = Arc::downgrade(self);
         tokio::spawn(async move {
             let Some(table) = table.upgrade() else { return };
@@ -410,7 +410,9 @@ impl ProcessTable {
     }
 
     /// Manages the process behind `link`; with `subscribe`, returns a subscription taken
-    /// before any output is forwarded.
+    /// before any output is forwarded. The pending record in `pending` (see `launch`) gives
+    /// way to the live process in the same critical section, so a save sees one or the
+    /// other, never both (adopted twice) nor neither (lost).
     #[allow(clippy::too_many_arguments)]
     fn register(
         self: &Arc<Self>,
@@ -421,6 +423,7 @@ impl ProcessTable {
         stdin: bool,
         deadline: Option<Deadline>,
         subscribe: bool,
+        pending: Option<u64>,
     ) -> (Arc<Process>, Option<Subscription>) {
         let pid = link.hello.pid;
         let hub = Hub::new();
@@ -452,6 +455,9 @@ impl ProcessTable {
                 tables.retained.retain(|_, r| r.tag.as_ref() != Some(tag));
             }
             tables.live.insert(pid, process.clone());
+            if let Some(slot) = pending {
+                tables.starting.remove(&slot);
+            }
         }
         if deadline.is_some() {
             let _ = self.deadlines.set(process.seq, &process, deadline, || true);
@@ -637,14 +643,7 @@ impl ProcessTable {
                 stdin: p.stdin_open.load(Ordering::Acquire),
                 end_at: self.deadlines.get(p.seq).map(|d| d.end_at),
             })
-            // A pending record whose process is already live would be adopted twice.
-            .chain(
-                tables
-                    .starting
-                    .values()
-                    .filter(|r| !tables.live.values().any(|p| p.socket == r.socket))
-                    .cloned(),
-            )
+            .chain(tables.starting.values().cloned())
             .collect()
     }
 
