@@ -120,22 +120,9 @@ impl Spare {
             .await
             .map_err(lost)?;
         let mut decoder = Decoder::new(MAX_FRAME);
-        let (kind, payload) = read_frame(&mut reader, &mut decoder)
-            .await
-            .map_err(lost)?
-            .ok_or_else(|| lost(std::io::ErrorKind::UnexpectedEof.into()))?;
-        match kind {
-            to_daemon::HELLO => {
-                let hello: Hello = serde_json::from_slice(&payload)
-                    .map_err(|err| lost(std::io::Error::other(err)))?;
-                Ok(Link::new(hello, reader, writer, decoder))
-            }
-            to_daemon::START_FAILED => Err(StartError::Failed(Error::InvalidArgument(
-                String::from_utf8_lossy(&payload).into_owned(),
-            ))),
-            _ => Err(lost(std::io::Error::other(
-                "a process keeper answered out of turn",
-            ))),
+        match greeting(&mut reader, &mut decoder).await.map_err(lost)? {
+            Greeting::Hello(hello) => Ok(Link::new(hello, reader, writer, decoder)),
+            Greeting::StartFailed(why) => Err(StartError::Failed(Error::InvalidArgument(why))),
         }
     }
 }
@@ -157,31 +144,53 @@ pub async fn connect(socket: &Path) -> Result<Link> {
         .map_err(fail)?;
     let (mut reader, writer) = stream.into_split();
     let mut decoder = Decoder::new(MAX_FRAME);
-    let (kind, payload) =
-        tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut reader, &mut decoder))
-            .await
-            .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(fail)?
-            .ok_or_else(|| fail(std::io::ErrorKind::UnexpectedEof.into()))?;
-    if kind != to_daemon::HELLO {
-        return Err(fail(std::io::Error::other("no hello")));
+    match tokio::time::timeout(CONNECT_TIMEOUT, greeting(&mut reader, &mut decoder))
+        .await
+        .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(fail)?
+    {
+        Greeting::Hello(hello) => Ok(Link::new(hello, reader, writer, decoder)),
+        Greeting::StartFailed(_) => Err(fail(std::io::Error::other("no hello"))),
     }
-    let hello: Hello =
-        serde_json::from_slice(&payload).map_err(|err| fail(std::io::Error::other(err)))?;
-    Ok(Link::new(hello, reader, writer, decoder))
 }
 
-/// Reads one whole frame (`None` at end of stream).
+/// What a keeper says first.
+enum Greeting {
+    /// Its hello: the process it keeps.
+    Hello(Hello),
+    /// (A keeper just given its spec.) Why the process could not start, for the client.
+    StartFailed(String),
+}
+
+/// Reads a keeper's first frame.
+async fn greeting(reader: &mut OwnedReadHalf, decoder: &mut Decoder) -> std::io::Result<Greeting> {
+    let (kind, payload) = read_frame(reader, decoder, &mut [0u8; 4096])
+        .await?
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+    match kind {
+        to_daemon::HELLO => serde_json::from_slice(&payload)
+            .map(Greeting::Hello)
+            .map_err(std::io::Error::other),
+        to_daemon::START_FAILED => Ok(Greeting::StartFailed(
+            String::from_utf8_lossy(&payload).into_owned(),
+        )),
+        _ => Err(std::io::Error::other(
+            "a process keeper answered out of turn",
+        )),
+    }
+}
+
+/// Reads one whole frame (`None` at end of stream), reading through `buf`.
 async fn read_frame(
     reader: &mut OwnedReadHalf,
     decoder: &mut Decoder,
+    buf: &mut [u8],
 ) -> std::io::Result<Option<(u8, Bytes)>> {
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
         if let Some(frame) = decoder.next_frame().map_err(std::io::Error::other)? {
             return Ok(Some(frame));
         }
-        let n = reader.read(&mut buf).await?;
+        let n = reader.read(buf).await?;
         if n == 0 {
             return Ok(None);
         }
@@ -210,8 +219,9 @@ impl Link {
             return;
         };
         tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let frame = match read_frame(&mut reader, &mut decoder).await {
+                let frame = match read_frame(&mut reader, &mut decoder, &mut buf).await {
                     Ok(Some(frame)) => frame,
                     Ok(None) | Err(_) => {
                         tracing::warn!("a process keeper went away before reporting its exit");
