@@ -403,8 +403,7 @@ fn launch(spec: &KeeperSpec) -> Result<Started, String> {
     if !spec.cwd.exists() {
         return Err(format!("cwd '{}' does not exist", spec.cwd.display()));
     }
-    let credentials = spec.credentials.clone();
-    match start(spec, credentials.clone(), &spec.program, &spec.args) {
+    match start(spec, &spec.program, &spec.args) {
         Err(err) if is_exec_failure(&err) => {
             // As envd: a program that cannot run goes through the shell, which says why on
             // stderr and exits 127 or 126.
@@ -414,19 +413,14 @@ fn launch(spec: &KeeperSpec) -> Result<Started, String> {
                 spec.program.clone(),
             ];
             args.extend(spec.args.iter().cloned());
-            start(spec, credentials, "/bin/sh", &args)
+            start(spec, "/bin/sh", &args)
         }
         other => other,
     }
     .map_err(|err| format!("error starting process: {err}"))
 }
 
-fn start(
-    spec: &KeeperSpec,
-    credentials: Option<(u32, u32, Vec<u32>)>,
-    program: &str,
-    args: &[String],
-) -> io::Result<Started> {
+fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Started> {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -457,7 +451,7 @@ fn start(
     configure_child(
         &mut command,
         ChildSetup {
-            credentials,
+            credentials: spec.credentials.clone(),
             controlling_tty: spec.pty.is_some(),
             oom_score_adj: spec.oom_score_adj,
             die_with_parent: true,
