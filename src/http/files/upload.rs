@@ -288,13 +288,8 @@ async fn write_to_disk(
     target: Target,
     mut rx: mpsc::Receiver<Piece>,
 ) -> Result<Option<Metadata>, Error> {
-    let Target {
-        path,
-        owner,
-        metadata,
-        declared_len,
-        journal,
-    } = target;
+    // Shared with each batch's trip to the blocking pool, not copied for it.
+    let target = Arc::new(target);
     let mut upload: Option<Upload> = None;
     loop {
         let (batch, ended) = match rx.recv().await {
@@ -313,23 +308,23 @@ async fn write_to_disk(
                 return Ok(None);
             }
         };
-        let (path, owner, metadata, journal) = (
-            path.clone(),
-            owner.clone(),
-            metadata.clone(),
-            journal.clone(),
-        );
+        let target = Arc::clone(&target);
         // On an error the upload is dropped on the blocking thread (temp file removed).
         let step = blocking(move || {
             let mut upload = match upload {
                 Some(upload) => upload,
-                None => Upload::begin(&path, &owner, declared_len, journal.as_ref())?,
+                None => Upload::begin(
+                    &target.path,
+                    &target.owner,
+                    target.declared_len,
+                    target.journal.as_ref(),
+                )?,
             };
             for data in &batch {
                 upload.write_all(data)?;
             }
             if ended {
-                return upload.commit(&metadata).map(Step::Published);
+                return upload.commit(&target.metadata).map(Step::Published);
             }
             Ok(Step::Writing(upload))
         })
