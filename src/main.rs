@@ -17,9 +17,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    envd::sys::tune_malloc(
-        std::thread::available_parallelism().map_or(2, |n| i32::try_from(n.get()).unwrap_or(2)),
-    );
+    // A keeper first: it is started for every process, single-threaded, and needs none of
+    // the daemon's set-up (the arena count below reads cgroup files).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|arg| arg == KEEPER_ARG) {
         return match args.get(2) {
@@ -27,6 +26,9 @@ fn main() -> ExitCode {
             None => ExitCode::from(2),
         };
     }
+    envd::sys::tune_malloc(
+        std::thread::available_parallelism().map_or(2, |n| i32::try_from(n.get()).unwrap_or(2)),
+    );
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -101,7 +103,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
     envd::supervisor::ready(addr, state.shutdown.clone());
-    envd::server::run(listener, state, shutdown).await?;
+    envd::server::run(listener, state.clone(), shutdown).await?;
+    // Changes the saver was still gathering (see `ProcessTable::save`).
+    state.processes.save().await;
     Ok(())
 }
 

@@ -129,6 +129,34 @@ pub fn ignore_sigpipe() {
     }
 }
 
+/// The nice value of process `pid`.
+///
+/// # Errors
+/// The OS error when there is no such process.
+pub fn nice_of(pid: u32) -> io::Result<i32> {
+    // getpriority can return -1 as a value: errno tells an error from it.
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority only reads the scheduling attributes of a process.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, pid) };
+    match nix::errno::Errno::last_raw() {
+        0 => Ok(nice),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Sets the nice value of process `pid` (lowering it needs root).
+///
+/// # Errors
+/// The OS error (no such process, not permitted).
+pub fn set_nice(pid: u32, nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority only changes the scheduling attributes of a process.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, nice) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Keeps freed memory below this much at the top of a malloc arena instead of returning it
 /// to the kernel at once.
 const MALLOC_TRIM_THRESHOLD: i32 = 8 * 1024 * 1024;

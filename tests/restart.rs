@@ -357,6 +357,65 @@ async fn a_dead_daemons_spare_keeper_exits_and_a_new_daemon_starts_its_own() {
     drop(second);
 }
 
+/// A process's nice value (`/proc/<pid>/stat` field 19).
+fn nice(pid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields = stat.rsplit_once(')').expect("comm").1;
+    fields
+        .split_whitespace()
+        .nth(16)
+        .and_then(|n| n.parse().ok())
+        .expect("nice")
+}
+
+#[tokio::test]
+async fn a_spare_keeper_waits_nicer_and_a_process_runs_at_the_daemons_priority() {
+    let state = State::new();
+    let daemon = state.start();
+    let own = nice(daemon.pid());
+    wait_until("the spare keeper", Duration::from_secs(10), || {
+        keepers(state.path()).len() == 1
+    })
+    .await;
+    let spare = keepers(state.path())[0];
+    // Lowered by the daemon just after the keeper's exec; only by root, who can raise it
+    // again.
+    let waiting = if nix::unistd::geteuid().is_root() {
+        (own + 10).min(19)
+    } else {
+        own
+    };
+    wait_until(
+        "the spare to wait at a lower priority",
+        Duration::from_secs(10),
+        || nice(spare) == waiting,
+    )
+    .await;
+    // The process inherits its keeper's priority, given back before the spec is sent.
+    let pid = start_and_see(
+        &daemon,
+        bash("echo \"nice=$(nice)\"; exec sleep 1000", None),
+        "nice=",
+    )
+    .await;
+    assert_eq!(nice(pid), own, "the process runs at the daemon's priority");
+    let ppid: u32 = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .expect("stat")
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        .expect("ppid");
+    assert_eq!(ppid, spare, "started through the spare");
+    assert_eq!(nice(spare), own, "its keeper too");
+    let mut client = ProcessClient::new(grpc_channel(&daemon).await);
+    let _ = client
+        .send_signal(pb::SendSignalRequest {
+            process: by_pid(pid),
+            signal: pb::Signal::Sigkill as i32,
+        })
+        .await;
+    wait_dead(pid).await;
+}
+
 #[tokio::test]
 async fn the_token_and_environment_survive_a_restart() {
     let state = State::new();

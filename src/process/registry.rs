@@ -398,7 +398,14 @@ impl ProcessTable {
             if table.spare_slot().is_some() {
                 return;
             }
-            match Spare::spawn(table.socket_path()) {
+            // On the blocking pool: the spawn holds its thread until the keeper's exec,
+            // which would delay whatever this worker runs next (often the reply to the
+            // start that asked for this refill).
+            let socket = table.socket_path();
+            let spawned = tokio::task::spawn_blocking(move || Spare::spawn(socket))
+                .await
+                .unwrap_or_else(|err| Err(Error::Internal(format!("spawning a keeper: {err}"))));
+            match spawned {
                 // A spare that lost a race to another refill is dropped: it reads end of
                 // file on its stdin and exits.
                 Ok(spare) => {
@@ -829,9 +836,17 @@ fn input_error(message: &str) -> Error {
     Error::FailedPrecondition(message.to_owned())
 }
 
+/// How long the saver lets changes gather before it writes them. What must be on disk
+/// before a client hears of it is saved at once instead (a start's pending record, a new
+/// deadline); the rest (a process's pid replacing its pending record, an exit removing it)
+/// can wait this long, so that a short command's start, pid and exit are one write, made
+/// after its end event, rather than three made while it runs.
+const SAVE_GATHER: Duration = Duration::from_millis(20);
+
 /// Saves the table whenever it changes (coalescing bursts).
 async fn save_on_change(table: std::sync::Weak<ProcessTable>, mut changed: watch::Receiver<u64>) {
     while changed.changed().await.is_ok() {
+        tokio::time::sleep(SAVE_GATHER).await;
         let Some(table) = table.upgrade() else { return };
         table.save().await;
     }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::process::keeper::{Hello, KEEPER_ARG, KeeperSpec, to_daemon, to_keeper};
 use crate::process::output::{Chunk, Stream};
 use crate::rpc::envelope::{Decoder, encode};
+use crate::sys;
 
 /// How long connecting to a keeper's socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -38,11 +39,22 @@ pub struct Link {
 /// is one round trip: the spec goes out, the hello (or why the process cannot start) comes
 /// back on what is then the process's link. A spare whose daemon goes away reads end of
 /// file and exits.
+///
+/// A spare waits at a lower priority ([`SPARE_NICE`]): its exec and start-up then yield the
+/// CPU to the process just started and to the daemon relaying it (a short command's whole
+/// life is about the length of a keeper's start-up, and on a small machine they share a
+/// core). It gets the daemon's priority back just before its spec is sent.
 pub struct Spare {
     child: tokio::process::Child,
     stream: UnixStream,
     socket: PathBuf,
+    /// The nice value to give the keeper back before it starts a process; `None` when it
+    /// was never lowered (without root it could not be raised again).
+    restore_nice: Option<i32>,
 }
+
+/// How much nicer than the daemon a spare keeper runs.
+const SPARE_NICE: i32 = 10;
 
 /// Why [`Spare::start`] failed.
 pub enum StartError {
@@ -81,10 +93,19 @@ impl Spare {
             .spawn()
             .map_err(failed)?;
         ours.set_nonblocking(true).map_err(failed)?;
+        let restore_nice = child.id().and_then(|pid| {
+            if !nix::unistd::geteuid().is_root() {
+                return None;
+            }
+            let nice = sys::nice_of(std::process::id()).ok()?;
+            sys::set_nice(pid, (nice + SPARE_NICE).min(19)).ok()?;
+            Some(nice)
+        });
         Ok(Spare {
             stream: UnixStream::from_std(ours).map_err(failed)?,
             child,
             socket,
+            restore_nice,
         })
     }
 
@@ -104,7 +125,12 @@ impl Spare {
             mut child,
             stream,
             socket: _,
+            restore_nice,
         } = self;
+        // The process inherits the keeper's priority. A keeper already gone fails below.
+        if let (Some(nice), Some(pid)) = (restore_nice, child.id()) {
+            let _ = sys::set_nice(pid, nice);
+        }
         // The keeper is the daemon's child until the daemon goes: reap it when it exits.
         tokio::spawn(async move {
             let _ = child.wait().await;
