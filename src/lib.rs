@@ -13,7 +13,8 @@
 //! - [`env`]: the environment new processes get (internal and `/init` variables).
 //! - [`persist`]: the state directory (what survives a restart).
 //! - [`process`]: the transport-free process core (spawn, PTY, output fan-out, signals).
-//! - [`sys`]: the one module allowed `unsafe` (pre-exec child setup, terminal ioctls).
+//! - [`sys`]: the one module allowed `unsafe` (child setup before exec, the keepers'
+//!   vfork-style start, terminal ioctls).
 //! - [`supervisor`]: systemd readiness and watchdog.
 //! - [`identity`]: who a request acts as (default user, Basic auth, `username=`).
 //! - [`auth`]: the access token, the gate every request passes, signed `/files` URLs.

@@ -4,11 +4,11 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use crate::process::keeper::{
     DETACHED_BUFFER, Hello, KeeperSpec, ORPHAN_EXIT_WAIT, start_time, to_daemon, to_keeper,
 };
 use crate::rpc::envelope::{Decoder, encode};
-use crate::sys::{ChildSetup, configure_child};
+use crate::sys::{ChildSetup, vfork};
 
 /// Largest read from a pipe at once (envd's stdout/stderr event size).
 const READ_CHUNK: usize = 32 * 1024;
@@ -88,14 +88,13 @@ fn run(socket: &Path) -> io::Result<()> {
     // End of file without a spec: the daemon that started this spare is gone.
     let spec: KeeperSpec =
         serde_json::from_slice(&read_spec(&first, &mut decoder)?).map_err(io::Error::other)?;
-    let (mut child, outputs, stdin, pty) = match launch(&spec) {
+    let (pid, outputs, stdin, pty) = match launch(&spec) {
         Ok(started) => started,
         Err(message) => {
             let _ = (&first).write_all(&encode(to_daemon::START_FAILED, message.as_bytes()));
             return Err(io::Error::other(message));
         }
     };
-    let pid = child.id();
     let hello = Hello {
         pid,
         start_time: start_time(pid).unwrap_or(0),
@@ -209,8 +208,6 @@ fn run(socket: &Path) -> io::Result<()> {
         if exited {
             let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             keeper.status = Some(raw_status(status));
-            // Reap the std handle too (already reaped: this returns at once with an error).
-            let _ = child.try_wait();
             ended_at = Some(Instant::now());
         }
         keeper.maybe_send_exit();
@@ -391,12 +388,7 @@ fn is_exec_failure(err: &io::Error) -> bool {
     )
 }
 
-type Started = (
-    std::process::Child,
-    Vec<Output>,
-    Option<OwnedFd>,
-    Option<OwnedFd>,
-);
+type Started = (u32, Vec<Output>, Option<OwnedFd>, Option<OwnedFd>);
 
 /// Starts the process of `spec`; on failure, what the client is told.
 fn launch(spec: &KeeperSpec) -> Result<Started, String> {
@@ -421,92 +413,68 @@ fn launch(spec: &KeeperSpec) -> Result<Started, String> {
 }
 
 fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Started> {
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .envs(&spec.env)
-        .current_dir(&spec.cwd);
-    let pair = match spec.pty {
-        Some((cols, rows)) => {
-            let pair = crate::process::pty::open_raw(cols, rows)?;
-            command
-                .stdin(Stdio::from(pair.1.try_clone()?))
-                .stdout(Stdio::from(pair.1.try_clone()?))
-                .stderr(Stdio::from(pair.1.try_clone()?));
-            Some(pair)
-        }
-        None => {
-            command
-                .stdin(if spec.stdin {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            None
-        }
+    let setup = ChildSetup {
+        credentials: spec.credentials.clone(),
+        controlling_tty: spec.pty.is_some(),
+        oom_score_adj: spec.oom_score_adj,
+        die_with_parent: true,
     };
-    configure_child(
-        &mut command,
-        ChildSetup {
-            credentials: spec.credentials.clone(),
-            controlling_tty: spec.pty.is_some(),
-            oom_score_adj: spec.oom_score_adj,
-            die_with_parent: true,
-        },
-    );
-    let mut child = command.spawn()?;
-    drop(command);
-    match pair {
-        Some((master, _slave)) => {
-            set_nonblocking(&master)?;
-            let reader = master.try_clone()?;
-            set_nonblocking(&reader)?;
-            Ok((
-                child,
-                vec![Output {
-                    fd: reader,
-                    kind: to_daemon::PTY,
-                    open: true,
-                }],
-                None,
-                Some(master),
-            ))
-        }
-        None => {
-            let stdout: OwnedFd = child
-                .stdout
-                .take()
-                .ok_or_else(|| io::Error::other("no stdout"))?
-                .into();
-            let stderr: OwnedFd = child
-                .stderr
-                .take()
-                .ok_or_else(|| io::Error::other("no stderr"))?
-                .into();
-            set_nonblocking(&stdout)?;
-            set_nonblocking(&stderr)?;
-            let stdin = child.stdin.take().map(OwnedFd::from);
-            if let Some(stdin) = &stdin {
-                set_nonblocking(stdin)?;
-            }
-            let outputs = vec![
-                Output {
-                    fd: stdout,
-                    kind: to_daemon::STDOUT,
-                    open: true,
-                },
-                Output {
-                    fd: stderr,
-                    kind: to_daemon::STDERR,
-                    open: true,
-                },
-            ];
-            Ok((child, outputs, stdin, None))
-        }
+    let run = |stdio: [BorrowedFd<'_>; 3]| {
+        vfork::spawn(&vfork::Command {
+            program,
+            args,
+            env: &spec.env,
+            cwd: &spec.cwd,
+            stdio,
+            setup: &setup,
+        })
+    };
+    if let Some((cols, rows)) = spec.pty {
+        let (master, slave) = crate::process::pty::open_raw(cols, rows)?;
+        let pid = run([slave.as_fd(); 3])?;
+        drop(slave);
+        set_nonblocking(&master)?;
+        let reader = master.try_clone()?;
+        let outputs = vec![Output {
+            fd: reader,
+            kind: to_daemon::PTY,
+            open: true,
+        }];
+        return Ok((pid, outputs, None, Some(master)));
     }
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from);
+    let (stdout, stdout_child) = pipe()?;
+    let (stderr, stderr_child) = pipe()?;
+    let (stdin, stdin_child) = if spec.stdin {
+        let (read, write) = pipe()?;
+        (Some(write), read)
+    } else {
+        (None, OwnedFd::from(std::fs::File::open("/dev/null")?))
+    };
+    let pid = run([
+        stdin_child.as_fd(),
+        stdout_child.as_fd(),
+        stderr_child.as_fd(),
+    ])?;
+    drop((stdin_child, stdout_child, stderr_child));
+    set_nonblocking(&stdout)?;
+    set_nonblocking(&stderr)?;
+    if let Some(stdin) = &stdin {
+        set_nonblocking(stdin)?;
+    }
+    let outputs = vec![
+        Output {
+            fd: stdout,
+            kind: to_daemon::STDOUT,
+            open: true,
+        },
+        Output {
+            fd: stderr,
+            kind: to_daemon::STDERR,
+            open: true,
+        },
+    ];
+    Ok((pid, outputs, stdin, None))
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {

@@ -1,11 +1,13 @@
 //! The only module allowed `unsafe`: what a child needs between `fork` and `exec`, the
-//! terminal ioctls, and the C `pow` the binary defines for itself. Every block says why it
-//! is sound.
+//! keepers' `posix_spawn`-like start ([`vfork`]), the terminal ioctls, priorities, and the
+//! C `pow` the binary defines for itself. Every block says why it is sound.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+
+pub mod vfork;
 
 /// Credentials and setup applied in the child before `exec`.
 #[derive(Debug, Clone)]
