@@ -8,6 +8,7 @@ pub mod footprint;
 pub mod process;
 pub mod report;
 pub mod rpc;
+pub mod scratch;
 pub mod small;
 pub mod stats;
 pub mod transfer;
