@@ -42,24 +42,7 @@ pub fn configure_child(command: &mut std::process::Command, setup: ChildSetup) {
     // above, in the parent, and are only borrowed here.
     unsafe {
         command.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if setup.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Undo the daemon's own scheduling boosts (it may run at nice -20).
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-            if let Some(oom) = &oom {
-                let fd = libc::open(
-                    c"/proc/self/oom_score_adj".as_ptr(),
-                    libc::O_WRONLY | libc::O_CLOEXEC,
-                );
-                if fd >= 0 {
-                    libc::write(fd, oom.as_ptr().cast(), oom.len());
-                    libc::close(fd);
-                }
-            }
+            new_session(setup.controlling_tty, oom.as_deref())?;
             if let Some((uid, gid, _)) = setup.credentials {
                 if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                     || libc::setgid(gid) < 0
@@ -82,6 +65,38 @@ pub fn configure_child(command: &mut std::process::Command, setup: ChildSetup) {
             Ok(())
         });
     }
+}
+
+/// In a new child, before its credentials change: a new session (the child leads its own
+/// process group, which signals then reach whole), its stdin as controlling terminal when
+/// asked, nice 0 (undoing the daemon's own boosts: it may run at nice -20) and `oom`
+/// (bytes for `oom_score_adj`).
+///
+/// # Safety
+/// Only system calls: callable between fork (or vfork) and exec, where nothing may lock
+/// or allocate.
+unsafe fn new_session(controlling_tty: bool, oom: Option<&[u8]>) -> io::Result<()> {
+    // SAFETY: system calls on a literal path and on `oom`, a live borrow.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        if let Some(oom) = oom {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, oom.as_ptr().cast(), oom.len());
+                libc::close(fd);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sets a terminal's window size.

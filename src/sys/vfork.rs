@@ -194,24 +194,8 @@ unsafe fn set_up_and_exec(plan: &Plan) -> c_int {
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
             return errno();
         }
-        // A new session: the process leads its own group, which signals then reach whole.
-        if libc::setsid() < 0 {
+        if super::new_session(plan.controlling_tty, plan.oom.as_deref()).is_err() {
             return errno();
-        }
-        if plan.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-            return errno();
-        }
-        // Undo the daemon's own scheduling boosts (it may run at nice -20).
-        libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-        if let Some(oom) = &plan.oom {
-            let fd = libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if fd >= 0 {
-                libc::write(fd, oom.as_ptr().cast(), oom.len());
-                libc::close(fd);
-            }
         }
         if let Some((uid, gid, groups)) = &plan.credentials {
             if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
