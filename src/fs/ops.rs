@@ -77,20 +77,89 @@ fn walk(
     };
     // Each name is read once (a plain sort would build two per comparison).
     children.sort_by_cached_key(std::fs::DirEntry::file_name);
+    if level >= max_depth && children.len() >= PARALLEL_FROM {
+        return describe_in_parallel(&children, shown_dir, dir, names, out);
+    }
     for child in children {
-        let path = child.path();
-        let shown = clean(&shown_dir.join(child.file_name()));
-        // `lstat` relative to the open directory: no walk of the whole path per entry.
-        let lstat = match child.metadata() {
-            Ok(meta) => meta,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(read_error(err)),
+        let Some((info, is_dir)) = describe_child(&child, dir, shown_dir, names)? else {
+            continue;
         };
-        let is_dir = lstat.is_dir();
-        out.push(entry::describe_with(&path, &shown, &lstat, names)?);
+        let shown = info.path.clone();
+        out.push(info);
         if is_dir && level < max_depth {
-            walk(&path, &shown, level + 1, max_depth, names, out)?;
+            walk(&child.path(), &shown, level + 1, max_depth, names, out)?;
         }
+    }
+    Ok(())
+}
+
+/// The entry for `child` of `dir` (shown under `shown_dir`) and whether it is a directory;
+/// `None` when it vanished since the directory was read.
+fn describe_child(
+    child: &std::fs::DirEntry,
+    dir: &Path,
+    shown_dir: &Path,
+    names: &mut NameCache,
+) -> Result<Option<(EntryInfo, bool)>> {
+    // `lstat` relative to the open directory: no walk of the whole path per entry.
+    let lstat = match child.metadata() {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(Error::io(
+                format!("error reading directory {}", dir.display()),
+                err,
+            ));
+        }
+    };
+    let shown = clean(&shown_dir.join(child.file_name()));
+    let info = entry::describe_with(&child.path(), &shown, &lstat, names)?;
+    Ok(Some((info, lstat.is_dir())))
+}
+
+/// A directory with at least this many entries, at the listing's last level, has its
+/// entries described on several threads: each entry is four or more system calls (`lstat`,
+/// `listxattr`, a `getxattr` per key), and 10,000 of them took ~90 ms on one core.
+const PARALLEL_FROM: usize = 2048;
+
+/// Describes `children` (sorted, none to descend into) on up to one thread per core, in
+/// contiguous slices, and appends the entries to `out` in their order.
+fn describe_in_parallel(
+    children: &[std::fs::DirEntry],
+    shown_dir: &Path,
+    dir: &Path,
+    names: &mut NameCache,
+    out: &mut Vec<EntryInfo>,
+) -> Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let slice = children.len().div_ceil(threads.max(1));
+    let describe = |part: &[std::fs::DirEntry], names: &mut NameCache| -> Result<Vec<EntryInfo>> {
+        let mut entries = Vec::with_capacity(part.len());
+        for child in part {
+            if let Some((info, _)) = describe_child(child, dir, shown_dir, names)? {
+                entries.push(info);
+            }
+        }
+        Ok(entries)
+    };
+    let mut parts = children.chunks(slice);
+    let first = parts.next().unwrap_or_default();
+    let results = std::thread::scope(|scope| {
+        let others: Vec<_> = parts
+            .map(|part| scope.spawn(move || describe(part, &mut NameCache::default())))
+            .collect();
+        let mut results = vec![describe(first, names)];
+        for other in others {
+            results.push(
+                other
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal("a listing thread panicked".into()))),
+            );
+        }
+        results
+    });
+    for result in results {
+        out.extend(result?);
     }
     Ok(())
 }
@@ -251,6 +320,39 @@ mod tests {
         let link = all.last().expect("link");
         assert!(link.is_symlink);
         assert_eq!(link.kind, FileKind::Directory);
+    }
+
+    #[test]
+    fn a_large_directory_listed_on_several_threads_keeps_order_and_detail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let big = root.join("big");
+        std::fs::create_dir(&big).expect("mkdir");
+        let count = PARALLEL_FROM + 501;
+        for i in 0..count {
+            std::fs::write(big.join(format!("f{i:05}")), b"data").expect("write");
+        }
+        std::fs::create_dir(big.join("sub")).expect("mkdir");
+        symlink("f00000", big.join("z-link")).expect("symlink");
+        std::fs::write(root.join("after"), b"x").expect("write");
+        let mut expected: Vec<String> = (0..count).map(|i| format!("big/f{i:05}")).collect();
+        expected.extend(["big/sub".to_owned(), "big/z-link".to_owned()]);
+
+        // The last level of a two-level listing: in order, after its directory, before
+        // what follows it.
+        let listed = list_dir(root, 2).expect("list");
+        let mut want = vec!["after".to_owned(), "big".to_owned()];
+        want.extend(expected.iter().cloned());
+        assert_eq!(rel(root, &listed), want);
+        let link = listed.last().expect("link");
+        assert!(link.is_symlink);
+        assert_eq!(link.kind, FileKind::File);
+        assert_eq!(listed[2].size, 4);
+
+        // The directory itself, one level.
+        let listed = list_dir(&big, 1).expect("list");
+        assert_eq!(listed.len(), count + 2);
+        assert_eq!(listed[count].kind, FileKind::Directory);
     }
 
     #[test]
