@@ -178,6 +178,8 @@ pub struct ProcessTable {
     sockets: AtomicU64,
     /// One keeper started ahead of the next process start (see [`Spare`]).
     spare: Mutex<Option<Spare>>,
+    /// A spare is being started.
+    refilling: AtomicBool,
 }
 
 /// What `Connect` finds.
@@ -209,6 +211,7 @@ impl ProcessTable {
             saving: tokio::sync::Mutex::new(0),
             sockets: AtomicU64::new(0),
             spare: Mutex::new(None),
+            refilling: AtomicBool::new(false),
         });
         table.refill_spare();
         if table.state_dir.is_some() {
@@ -392,9 +395,15 @@ impl ProcessTable {
     /// Starts a spare keeper in the background unless there is one. A keeper that cannot
     /// be started now is logged; the next process start then starts its own.
     fn refill_spare(self: &Arc<Self>) {
+        // One refill at a time: a start that found no spare (the first one's still being
+        // spawned) would otherwise start a second, and one of the two would be wasted.
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let table = Arc::downgrade(self);
         tokio::spawn(async move {
             let Some(table) = table.upgrade() else { return };
+            let _refilled = Refilled(&table.refilling);
             if table.spare_slot().is_some() {
                 return;
             }
@@ -406,10 +415,13 @@ impl ProcessTable {
                 .await
                 .unwrap_or_else(|err| Err(Error::Internal(format!("spawning a keeper: {err}"))));
             match spawned {
-                // A spare that lost a race to another refill is dropped: it reads end of
-                // file on its stdin and exits.
                 Ok(spare) => {
-                    table.spare_slot().get_or_insert(spare);
+                    let mut slot = table.spare_slot();
+                    match slot.as_ref() {
+                        // Not expected with one refill at a time; let it go, reaped.
+                        Some(_) => spare.discard(),
+                        None => *slot = Some(spare),
+                    }
                 }
                 Err(err) => tracing::warn!(%err, "could not start a spare process keeper"),
             }
@@ -827,6 +839,15 @@ impl Expire for Process {
                 }
             }
         });
+    }
+}
+
+/// Clears the refill flag when a refill ends, however it ends.
+struct Refilled<'a>(&'a AtomicBool);
+
+impl Drop for Refilled<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -109,6 +109,15 @@ impl Spare {
         })
     }
 
+    /// Lets an unused spare go: it reads end of file on its stdin and exits, and is reaped
+    /// (not left a zombie of the daemon's).
+    pub fn discard(self) {
+        let Spare { mut child, .. } = self;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+    }
+
     /// Where the keeper serves daemons that connect later.
     pub fn socket(&self) -> &Path {
         &self.socket
