@@ -104,7 +104,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
     envd::supervisor::ready(addr, state.shutdown.clone());
     envd::server::run(listener, state.clone(), shutdown).await?;
-    // Changes the saver was still gathering (see `ProcessTable::save`).
+    // Changes the saver was still gathering (`SAVE_GATHER` in the process registry).
     state.processes.save().await;
     Ok(())
 }
