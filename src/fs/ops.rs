@@ -65,20 +65,18 @@ fn walk(
     names: &mut NameCache,
     out: &mut Vec<EntryInfo>,
 ) -> Result<()> {
-    let read_error =
-        |err: io::Error| Error::io(format!("error reading directory {}", dir.display()), err);
     let mut children: Vec<_> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .collect::<io::Result<Vec<_>>>()
-            .map_err(read_error)?,
+            .map_err(|err| read_error(dir, err))?,
         // The directory vanished between being listed and being opened.
         Err(err) if err.kind() == io::ErrorKind::NotFound && level > 1 => return Ok(()),
-        Err(err) => return Err(read_error(err)),
+        Err(err) => return Err(read_error(dir, err)),
     };
     // Each name is read once (a plain sort would build two per comparison).
     children.sort_by_cached_key(std::fs::DirEntry::file_name);
     if level >= max_depth && children.len() >= PARALLEL_FROM {
-        return describe_in_parallel(&children, shown_dir, dir, names, out);
+        return describe_in_parallel(&children, dir, shown_dir, names, out);
     }
     for child in children {
         let Some((info, is_dir)) = describe_child(&child, dir, shown_dir, names)? else {
@@ -105,16 +103,15 @@ fn describe_child(
     let lstat = match child.metadata() {
         Ok(meta) => meta,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => {
-            return Err(Error::io(
-                format!("error reading directory {}", dir.display()),
-                err,
-            ));
-        }
+        Err(err) => return Err(read_error(dir, err)),
     };
     let shown = clean(&shown_dir.join(child.file_name()));
     let info = entry::describe_with(&child.path(), &shown, &lstat, names)?;
     Ok(Some((info, lstat.is_dir())))
+}
+
+fn read_error(dir: &Path, err: io::Error) -> Error {
+    Error::io(format!("error reading directory {}", dir.display()), err)
 }
 
 /// A directory with at least this many entries, at the listing's last level, has its
@@ -126,13 +123,13 @@ const PARALLEL_FROM: usize = 2048;
 /// contiguous slices, and appends the entries to `out` in their order.
 fn describe_in_parallel(
     children: &[std::fs::DirEntry],
-    shown_dir: &Path,
     dir: &Path,
+    shown_dir: &Path,
     names: &mut NameCache,
     out: &mut Vec<EntryInfo>,
 ) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let slice = children.len().div_ceil(threads.max(1));
+    let slice = children.len().div_ceil(threads);
     let describe = |part: &[std::fs::DirEntry], names: &mut NameCache| -> Result<Vec<EntryInfo>> {
         let mut entries = Vec::with_capacity(part.len());
         for child in part {
