@@ -403,11 +403,13 @@ async fn kill_reaches_the_whole_group() {
         );
         tokio::task::yield_now().await;
     }
-    assert_eq!(
-        zombie_children(daemon.pid()),
-        Vec::<u32>::new(),
-        "every child is reaped"
-    );
+    // The process's keeper is the daemon's child. It exits once the daemon has released
+    // it, which comes after the end event, so it may still be exiting here: every child is
+    // reaped within the bound, none is left a zombie.
+    common::wait_until("every child is reaped", Duration::from_secs(10), || {
+        zombie_children(daemon.pid()).is_empty()
+    })
+    .await;
     let status = client
         .send_signal(pb::SendSignalRequest {
             process: self::pid(pid),
