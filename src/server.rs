@@ -11,6 +11,7 @@
 pub mod accept;
 pub mod body;
 pub mod connection;
+pub mod drain;
 pub mod slots;
 
 use std::future::Future;

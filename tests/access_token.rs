@@ -346,3 +346,105 @@ async fn a_bad_basic_header_does_not_break_routes_without_a_user() {
         assert_eq!(response.status(), 200, "{value}");
     }
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: (status, head, body).
+fn read_response(reader: &mut impl std::io::BufRead) -> (u16, String, Vec<u8>) {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("read a head line");
+        assert!(n > 0, "the connection closed; head so far: {head:?}");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let status = head[9..12].parse().expect("status code");
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().expect("length"))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (status, head, body)
+}
+
+#[tokio::test]
+async fn a_refused_request_whose_body_comes_late_keeps_its_connection() {
+    use std::io::{BufReader, Write};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = locked_daemon(dir.path()).await;
+    let path = dir.path().join("guarded.txt");
+    std::fs::write(&path, "guarded").expect("write");
+    let upload = (
+        format!("/files?path={}", path.display()),
+        "application/octet-stream",
+        "overwritten".to_owned(),
+    );
+    // A gated route: refused by the gate, not by the handler.
+    let compose = (
+        "/files/compose".to_owned(),
+        "application/json",
+        json!({ "source_paths": [path], "destination": path }).to_string(),
+    );
+    for (target, content_type, body) in [upload, compose] {
+        let socket = std::net::TcpStream::connect(daemon.addr).expect("connect");
+        let mut writer = socket.try_clone().expect("clone");
+        let mut reader = BufReader::new(socket);
+        // The head alone: the refusal comes before the body has left the client, as when
+        // a client writes head and body in two writes and the daemon is quick.
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        writer.write_all(head.as_bytes()).expect("head");
+        let (status, head, _) = read_response(&mut reader);
+        assert_eq!(status, 401, "{target}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{target}: {head}"
+        );
+        // The body, late, and then another request on the same connection.
+        writer.write_all(body.as_bytes()).expect("the body");
+        writer
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("the next request");
+        let (status, head, _) = read_response(&mut reader);
+        assert_eq!(status, 204, "{target}: {head}");
+    }
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), "guarded");
+}
+
+#[tokio::test]
+async fn a_refused_upload_is_not_read_past_its_budget() {
+    use std::io::{BufReader, Write};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = locked_daemon(dir.path()).await;
+    let path = dir.path().join("big.bin");
+    let socket = std::net::TcpStream::connect(daemon.addr).expect("connect");
+    let mut writer = socket.try_clone().expect("clone");
+    let mut reader = BufReader::new(socket);
+    let total: usize = 256 << 20;
+    let head = format!(
+        "POST /files?path={} HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n",
+        path.display()
+    );
+    writer.write_all(head.as_bytes()).expect("head");
+    let (status, _, _) = read_response(&mut reader);
+    assert_eq!(status, 401);
+    // The daemon reads a bounded part of the rest and then closes: the client's writes
+    // fail long before the 256 MiB are through.
+    let chunk = vec![b'x'; 1 << 20];
+    let mut written = 0;
+    while written < total && writer.write_all(&chunk).is_ok() {
+        written += chunk.len();
+    }
+    assert!(written < total / 2, "{written} bytes went through");
+    assert!(!path.exists());
+}

@@ -1,6 +1,7 @@
 //! One accepted connection: HTTP/1.1 or cleartext HTTP/2 with the configured limits, a
 //! watchdog that closes it when it goes too long without a request in progress, request
-//! bodies that fail when they stall, and graceful shutdown.
+//! bodies that fail when they stall, HTTP/1.1 bodies read to their end when a handler
+//! answers early ([`crate::server::drain`]), and graceful shutdown.
 //!
 //! The watchdog is what makes slow clients harmless. A request is "in progress" from the
 //! moment its headers are complete until its response body is finished or dropped; with
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::limits::Limits;
 use crate::rpc::Rpc;
 use crate::server::body::IdleTimeoutBody;
+use crate::server::drain::DrainOnDrop;
 use crate::server::slots::Slot;
 
 /// How long a connection closed by the watchdog may take to say goodbye (an HTTP/2 GOAWAY
@@ -209,7 +211,17 @@ impl tower::Service<Request<Incoming>> for Tracked {
         // A client stream may be quiet for as long as its user is (terminal input).
         let timeout =
             (!Rpc::request_is_stream(request.uri().path())).then_some(self.body_idle_timeout);
-        let request = request.map(|body| Body::new(IdleTimeoutBody::new(body, timeout)));
+        // An HTTP/2 stream's unread body ends with its stream; an HTTP/1.1 one would take
+        // the connection with it.
+        let drain = request.version() < http::Version::HTTP_2 && !expects_continue(&request);
+        let request = request.map(|body| {
+            let body = IdleTimeoutBody::new(body, timeout);
+            if drain {
+                Body::new(DrainOnDrop::new(body))
+            } else {
+                Body::new(body)
+            }
+        });
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
@@ -221,6 +233,14 @@ impl tower::Service<Request<Incoming>> for Tracked {
             }))
         })
     }
+}
+
+/// True when the client waits for `100 Continue` before it sends the body.
+fn expects_continue<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// A response body that keeps its request counted as in progress until it is done.
