@@ -2,10 +2,18 @@
 //! restore what a previous run left (the `/init` state, the processes its keepers still
 //! hold), bind, print the bound address on stdout, tell systemd it is ready, serve until
 //! SIGTERM or SIGINT. Started as `envd __keeper <socket>`, it is a process keeper instead.
+//!
+//! The entry point is C's `main`, not std's `fn main`: std's start-up asks glibc for the
+//! main thread's stack bounds (`pthread_getattr_np`, which parses `/proc/self/maps` with
+//! stdio and scanf), only to report a stack overflow by name. That parse kept about 0.1 MiB
+//! more of libc's text resident in the idle daemon, and it ran in every keeper's start.
+//! What else std's start-up does is done here ([`envd::sys::start_like_std`]); a panic
+//! that escapes ends the process with 101, as std's does.
+
+#![no_main]
 
 use std::io::Write;
 use std::path::Path;
-use std::process::ExitCode;
 
 use clap::Parser;
 use envd::config::{Cli, Config};
@@ -16,14 +24,30 @@ use envd::state::AppState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> ExitCode {
+/// The process's entry point, called by the C runtime.
+#[allow(unsafe_code)] // `no_mangle`: the C runtime calls it by this name.
+#[unsafe(no_mangle)]
+extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    envd::sys::start_like_std();
+    let code = std::panic::catch_unwind(run).unwrap_or(PANICKED);
+    // std::process::exit flushes stdout, as returning from std's `fn main` does.
+    std::process::exit(i32::from(code))
+}
+
+/// The exit code of a panic that reached `main` (std's).
+const PANICKED: u8 = 101;
+
+fn run() -> u8 {
     // A keeper first: it is started for every process, single-threaded, and needs none of
     // the daemon's set-up (the arena count below reads cgroup files).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|arg| arg == KEEPER_ARG) {
         return match args.get(2) {
             Some(socket) => keeper::server::main(Path::new(socket)),
-            None => ExitCode::from(2),
+            None => 2,
         };
     }
     envd::sys::tune_malloc(
@@ -41,7 +65,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(message) => {
             eprintln!("envd: {message}");
-            return ExitCode::from(2);
+            return 2;
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -52,14 +76,14 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("envd: starting the runtime: {err}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(err) => {
             tracing::error!(%err, "envd failed");
-            ExitCode::FAILURE
+            1
         }
     }
 }

@@ -99,3 +99,53 @@ async fn shutdown_ends_open_streams_cleanly() {
         Signal::SIGKILL,
     );
 }
+
+/// Started with descriptors 0, 1 and 2 closed (a careless supervisor), the daemon puts
+/// `/dev/null` in their place before it opens anything: its ready line goes nowhere rather
+/// than into the first file it opened (the state directory's lock), and it serves.
+#[tokio::test]
+async fn closed_standard_descriptors_are_replaced_before_anything_is_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec "$0" --addr 127.0.0.1 --port "$1" --state-dir "$2" --upload-journal-dir "$3" <&- >&- 2>&-"#)
+        .arg(env!("CARGO_BIN_EXE_envd"))
+        .arg(port.to_string())
+        .arg(&state)
+        .arg(dir.path().join("uploads"))
+        .spawn()
+        .expect("spawn");
+    common::wait_until(
+        "the daemon to listen",
+        std::time::Duration::from_secs(10),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    )
+    .await;
+    let response = http()
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .expect("/health");
+    assert_eq!(response.status(), 204);
+    let pid = child.id();
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd");
+        assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
+    }
+    assert_eq!(
+        std::fs::read(state.join("lock")).expect("the lock file"),
+        b"",
+        "nothing was written into the lock file"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+}

@@ -137,6 +137,28 @@ pub fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// What std's start-up does before `fn main`, for a binary with its own C `main`
+/// (`src/main.rs` says why): descriptors 0–2 are made valid (a closed one is opened on
+/// `/dev/null`, so that the first file the daemon opens never becomes its stdout), and
+/// SIGPIPE is ignored.
+pub fn start_like_std() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+        {
+            // SAFETY: a constant NUL-terminated path; the lowest free number is `fd`, the
+            // descriptor left open on purpose (never closed, as std's own).
+            let opened = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+            if opened == -1 {
+                // std aborts here too: nothing safe can be written anywhere.
+                std::process::abort();
+            }
+        }
+    }
+    ignore_sigpipe();
+}
+
 /// Ignores SIGPIPE in this process, so writing to a peer that went away is an error, not
 /// death. (Children get the default back: the standard library resets it before exec.)
 pub fn ignore_sigpipe() {

@@ -8,7 +8,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -29,13 +28,14 @@ const MAX_FRAME: usize = 1024 * 1024;
 
 /// Runs a keeper: `envd __keeper <socket>`, its stdin one end of a socket pair whose other
 /// end the daemon holds.
-pub fn main(socket: &Path) -> ExitCode {
+/// Returns the exit code: 0, or 1 when the daemon could not be served.
+pub fn main(socket: &Path) -> u8 {
     crate::sys::ignore_sigpipe();
     match run(socket) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(_) => {
             let _ = std::fs::remove_file(socket);
-            ExitCode::FAILURE
+            1
         }
     }
 }
