@@ -126,6 +126,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
+    // Start-up is over: the relocation table the dynamic linker read is never read again.
+    match envd::sys::relocations::release_relocation_table() {
+        Ok(bytes) => tracing::debug!(bytes, "released the relocation table's pages"),
+        Err(err) => tracing::debug!(%err, "could not release the relocation table's pages"),
+    }
     envd::supervisor::ready(addr, state.shutdown.clone());
     envd::server::run(listener, state.clone(), shutdown).await?;
     // Changes the saver was still gathering (`SAVE_GATHER` in the process registry).

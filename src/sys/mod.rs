@@ -7,6 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+pub mod relocations;
 pub mod vfork;
 
 /// Credentials and setup applied in the child before `exec`.
