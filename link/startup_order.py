@@ -40,20 +40,12 @@ import urllib.request
 
 
 def run(binary):
+    """Runs `binary` under callgrind (see `drive`); returns callgrind's output file."""
     work = tempfile.mkdtemp(prefix="envd-startup-order-")
     out = os.path.join(work, "callgrind.out")
-    daemon = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--demangle=no", "--callgrind-out-file=" + out,
-         binary, "--addr", "127.0.0.1", "--port", "0",
-         "--state-dir", os.path.join(work, "state"),
-         "--upload-journal-dir", os.path.join(work, "uploads")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    addr = json.loads(daemon.stdout.readline())["addr"]
-    with urllib.request.urlopen(f"http://{addr}/health") as response:
-        assert response.status == 204, response.status
-    time.sleep(2)
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait()
+    drive(binary, work, settle=2,
+          wrapper=["valgrind", "--tool=callgrind", "--demangle=no",
+                   "--callgrind-out-file=" + out])
     return out
 
 
@@ -155,17 +147,18 @@ def file_to_vaddr(binary, offset, _segments={}):
     return offset
 
 
-def drive(binary, work):
-    """One native run for `fault_functions`: start, /health, settle, stop."""
+def drive(binary, work, settle=1, wrapper=()):
+    """One run the way the benchmark starts the daemon (loopback, port 0, state under
+    `work`), behind `wrapper`: start, one /health, `settle` seconds, SIGTERM."""
     daemon = subprocess.Popen(
-        [binary, "--addr", "127.0.0.1", "--port", "0",
+        [*wrapper, binary, "--addr", "127.0.0.1", "--port", "0",
          "--state-dir", os.path.join(work, "state"),
          "--upload-journal-dir", os.path.join(work, "uploads")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     addr = json.loads(daemon.stdout.readline())["addr"]
     with urllib.request.urlopen(f"http://{addr}/health") as response:
         assert response.status == 204, response.status
-    time.sleep(1)
+    time.sleep(settle)
     daemon.send_signal(signal.SIGTERM)
     daemon.wait()
 
