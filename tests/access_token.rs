@@ -373,9 +373,37 @@ fn read_response(reader: &mut impl std::io::BufRead) -> (u16, String, Vec<u8>) {
     (status, head, body)
 }
 
+/// Opens a connection and sends only the head of `POST target`, announcing a body of
+/// `length` bytes, as a client does that writes head and body in two writes to a quick
+/// daemon. Reads the answer, which must be a 401; returns it (its head) with the
+/// connection's two ends, for the body and what follows.
+fn refused_before_the_body(
+    daemon: &Daemon,
+    target: &str,
+    content_type: &str,
+    length: usize,
+) -> (
+    String,
+    std::net::TcpStream,
+    std::io::BufReader<std::net::TcpStream>,
+) {
+    use std::io::Write;
+
+    let socket = std::net::TcpStream::connect(daemon.addr).expect("connect");
+    let mut writer = socket.try_clone().expect("clone");
+    let mut reader = std::io::BufReader::new(socket);
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    );
+    writer.write_all(head.as_bytes()).expect("head");
+    let (status, head, _) = read_response(&mut reader);
+    assert_eq!(status, 401, "{target}: {head}");
+    (head, writer, reader)
+}
+
 #[tokio::test]
 async fn a_refused_request_whose_body_comes_late_keeps_its_connection() {
-    use std::io::{BufReader, Write};
+    use std::io::Write;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = locked_daemon(dir.path()).await;
@@ -393,18 +421,8 @@ async fn a_refused_request_whose_body_comes_late_keeps_its_connection() {
         json!({ "source_paths": [path], "destination": path }).to_string(),
     );
     for (target, content_type, body) in [upload, compose] {
-        let socket = std::net::TcpStream::connect(daemon.addr).expect("connect");
-        let mut writer = socket.try_clone().expect("clone");
-        let mut reader = BufReader::new(socket);
-        // The head alone: the refusal comes before the body has left the client, as when
-        // a client writes head and body in two writes and the daemon is quick.
-        let head = format!(
-            "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        writer.write_all(head.as_bytes()).expect("head");
-        let (status, head, _) = read_response(&mut reader);
-        assert_eq!(status, 401, "{target}: {head}");
+        let (head, mut writer, mut reader) =
+            refused_before_the_body(&daemon, &target, content_type, body.len());
         assert!(
             !head.to_ascii_lowercase().contains("connection: close"),
             "{target}: {head}"
@@ -422,22 +440,15 @@ async fn a_refused_request_whose_body_comes_late_keeps_its_connection() {
 
 #[tokio::test]
 async fn a_refused_upload_is_not_read_past_its_budget() {
-    use std::io::{BufReader, Write};
+    use std::io::Write;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = locked_daemon(dir.path()).await;
     let path = dir.path().join("big.bin");
-    let socket = std::net::TcpStream::connect(daemon.addr).expect("connect");
-    let mut writer = socket.try_clone().expect("clone");
-    let mut reader = BufReader::new(socket);
     let total: usize = 256 << 20;
-    let head = format!(
-        "POST /files?path={} HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n",
-        path.display()
-    );
-    writer.write_all(head.as_bytes()).expect("head");
-    let (status, _, _) = read_response(&mut reader);
-    assert_eq!(status, 401);
+    let target = format!("/files?path={}", path.display());
+    let (_, mut writer, _reader) =
+        refused_before_the_body(&daemon, &target, "application/octet-stream", total);
     // The daemon reads a bounded part of the rest and then closes: the client's writes
     // fail long before the 256 MiB are through.
     let chunk = vec![b'x'; 1 << 20];

@@ -1,6 +1,7 @@
 //! The only module allowed `unsafe`: what a child needs between `fork` and `exec`, the
-//! keepers' `posix_spawn`-like start ([`vfork`]), the terminal ioctls, priorities, and the
-//! C `pow` the binary defines for itself. Every block says why it is sound.
+//! keepers' `posix_spawn`-like start ([`vfork`]), the terminal ioctls, priorities, the
+//! entry point's share of std's start-up, letting go of the relocation table after it
+//! ([`relocations`]), and the C `pow` the binary defines for itself. Every block says why it is sound.
 
 #![allow(unsafe_code)]
 
@@ -160,9 +161,11 @@ pub fn start_like_std() {
     ignore_sigpipe();
 }
 
-/// Ignores SIGPIPE in this process, so writing to a peer that went away is an error, not
-/// death. (Children get the default back: the standard library resets it before exec.)
-pub fn ignore_sigpipe() {
+/// Ignores SIGPIPE in this process (the daemon and its keepers: both start in
+/// [`start_like_std`]), so writing to a peer that went away is an error, not death.
+/// (Children get the default back: the standard library and [`vfork`] reset it before
+/// exec.)
+fn ignore_sigpipe() {
     // SAFETY: installing SIG_IGN touches no handler code and is valid at any time.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);

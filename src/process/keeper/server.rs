@@ -27,10 +27,9 @@ const PTY_CHUNK: usize = 16 * 1024;
 const MAX_FRAME: usize = 1024 * 1024;
 
 /// Runs a keeper: `envd __keeper <socket>`, its stdin one end of a socket pair whose other
-/// end the daemon holds.
-/// Returns the exit code: 0, or 1 when the daemon could not be served.
+/// end the daemon holds. SIGPIPE is already ignored (`sys::start_like_std`, at the entry
+/// point). Returns the exit code: 0, or 1 when the daemon could not be served.
 pub fn main(socket: &Path) -> u8 {
-    crate::sys::ignore_sigpipe();
     match run(socket) {
         Ok(()) => 0,
         Err(_) => {
