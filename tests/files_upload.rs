@@ -454,6 +454,72 @@ async fn a_one_gib_upload_keeps_memory_bounded() {
     );
 }
 
+/// The byte at `offset` of the test pattern: no run of it repeats at a chunk or batch size,
+/// so a chunk written twice, dropped or out of order shows.
+fn pattern_byte(offset: usize) -> u8 {
+    (offset % 251) as u8 ^ (offset / 65_521) as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_body_is_written_as_it_came_and_the_file_is_whole() {
+    // More than a write batch before the pause, odd chunk sizes, and a tail after it.
+    const BEFORE_PAUSE: usize = 3 * 1024 * 1024 + 5;
+    const TOTAL: usize = BEFORE_PAUSE + 2 * 1024 * 1024 + 777;
+    const CHUNK: usize = 100_003;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start();
+    let path = dir.path().join("paused.bin");
+    let content: Vec<u8> = (0..TOTAL).map(pattern_byte).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let send = |tx: tokio::sync::mpsc::Sender<_>, range: std::ops::Range<usize>| {
+        let chunks: Vec<bytes::Bytes> = content[range]
+            .chunks(CHUNK)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        async move {
+            for chunk in chunks {
+                tx.send(Ok(chunk)).await.expect("the upload is reading");
+            }
+        }
+    };
+    let temp_len = || {
+        common::upload_temps(dir.path())
+            .first()
+            .and_then(|name| std::fs::metadata(dir.path().join(name)).ok())
+            .map_or(0, |meta| meta.len())
+    };
+    let client = async {
+        send(tx.clone(), 0..BEFORE_PAUSE).await;
+        // The client pauses: everything it sent reaches the temp file without more coming.
+        common::wait_until(
+            "the bytes before the pause to be written",
+            Duration::from_secs(20),
+            || temp_len() == BEFORE_PAUSE as u64,
+        )
+        .await;
+        send(tx, BEFORE_PAUSE..TOTAL).await;
+    };
+    let (response, ()) = tokio::join!(upload(&daemon, &path, body, &[]), client);
+    assert_eq!(response.status(), 200);
+    let stored = std::fs::read(&path).expect("read");
+    assert_eq!(stored.len(), TOTAL);
+    assert!(
+        stored == content,
+        "the stored bytes differ from the sent ones"
+    );
+    assert_eq!(common::upload_temps(dir.path()), Vec::<String>::new());
+}
+
+/// A stream of what `rx` receives, for a request body sent piece by piece.
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
 #[tokio::test]
 async fn disk_full_is_507_and_the_old_file_survives() {
     if !nix::unistd::getuid().is_root() {

@@ -147,7 +147,16 @@ impl Upload {
     /// # Errors
     /// 507 when the disk is full, [`Error::Io`] otherwise.
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        self.file.write_all(data).map_err(|err| {
+        self.write_chunks(&[data])
+    }
+
+    /// Appends chunks of content in order, as few `writev` calls as the kernel allows.
+    ///
+    /// # Errors
+    /// As [`Upload::write_all`].
+    pub fn write_chunks(&mut self, chunks: &[&[u8]]) -> Result<()> {
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        write_all_vectored(&mut self.file, chunks).map_err(|err| {
             if is_no_space(&err) {
                 let message = match self.declared_len {
                     Some(len) if len > 0 => {
@@ -160,7 +169,7 @@ impl Upload {
                 Error::io(format!("error writing file {}", self.target.display()), err)
             }
         })?;
-        self.written += data.len() as u64;
+        self.written += total as u64;
         Ok(())
     }
 
@@ -227,6 +236,28 @@ impl Drop for Upload {
             }
         }
     }
+}
+
+/// Writes every byte of `chunks`, in order, through `writev` (at most `IOV_MAX` slices a
+/// call), resuming after short writes.
+fn write_all_vectored(file: &mut File, chunks: &[&[u8]]) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut slices: Vec<io::IoSlice<'_>> = chunks
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| io::IoSlice::new(c))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let window = rest.len().min(IOV_MAX);
+        match file.write_vectored(&rest[..window]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// The file a write to `path` lands in: symlinks on the final component are followed
@@ -320,6 +351,26 @@ mod tests {
             0o600
         );
         assert!(leftovers(path.parent().expect("parent")).is_empty());
+    }
+
+    #[test]
+    fn chunks_past_the_writev_limit_are_written_whole_and_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("many");
+        // 3000 chunks (more than one writev takes), some empty, of differing lengths.
+        let chunks: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| vec![(i % 256) as u8; (i % 7) as usize * 3])
+            .collect();
+        let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        let mut up = Upload::begin(&path, &me(), None, None).expect("begin");
+        up.write_chunks(&slices[..1500]).expect("write");
+        up.write_all(b"|").expect("write");
+        up.write_chunks(&slices[1500..]).expect("write");
+        let expected: Vec<u8> =
+            [&chunks[..1500].concat()[..], b"|", &chunks[1500..].concat()].concat();
+        assert_eq!(up.written(), expected.len() as u64);
+        up.commit(&Metadata::new()).expect("commit");
+        assert_eq!(std::fs::read(&path).expect("read"), expected);
     }
 
     #[test]

@@ -15,9 +15,9 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{FutureExt, Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::signature::Operation;
@@ -33,10 +33,9 @@ use crate::identity::Requester;
 use crate::rpc::blocking;
 use crate::state::AppState;
 
-/// Body chunks queued between the socket and the disk writer.
-const WRITE_QUEUE_DEPTH: usize = 16;
-/// Most bytes written in one trip to a blocking thread: the chunks that queued up while the
-/// previous batch was written, so a fast client costs few trips.
+/// Most bytes written in one trip to a blocking thread. A fast client's body is gathered
+/// into batches this large while the last one is written, so it costs few trips (and few
+/// thread wake-ups); a body that pauses has what came so far written during the pause.
 const MAX_WRITE_BATCH: usize = 1024 * 1024;
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
@@ -211,47 +210,52 @@ impl Job {
 
     /// Streams one file to disk and publishes it with the request's metadata.
     async fn write(&self, path: PathBuf, mut body: ByteStream) -> Result<UploadedEntry, Error> {
-        let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE_DEPTH);
-        let target = Target {
+        let mut writer = DiskWriter::new(Target {
             path: path.clone(),
             owner: self.requester.user.clone(),
             metadata: self.metadata.clone(),
             declared_len: self.declared_len,
             journal: self.journal.clone(),
-        };
-        // A task of its own: if this request is dropped (the client left), the writer still
-        // sees the channel close and discards the upload.
-        let writer = tokio::spawn(write_to_disk(target, rx));
-        while let Some(chunk) = body.next().await {
-            let data = match chunk {
-                Ok(data) => data,
-                Err(err) => {
-                    // The sender is dropped unfinished, so the writer discards the upload;
-                    // waiting for it means no temp file outlives the answer.
-                    drop(tx);
-                    let _ = writer.await;
-                    return Err(err);
-                }
-            };
-            if tx.send(Piece::Data(data)).await.is_err() {
-                // The writer failed; its error is reported below. Read (and drop) a bounded
-                // rest of the body first: answering while the client is still sending makes
-                // the connection close under it, and it sees a broken pipe, not the error.
-                let mut drained = 0usize;
-                while drained < DRAIN_ON_ERROR_BYTES {
-                    match body.next().await {
-                        Some(Ok(rest)) => drained += rest.len(),
-                        _ => break,
+        });
+        let mut batch = Batch::default();
+        loop {
+            // What the socket has now joins the batch, and a full batch goes to disk. When
+            // the socket has nothing more for the moment, what came so far goes to disk as
+            // soon as the last batch is written (unless more comes first): a slow client's
+            // bytes are not held back.
+            let next = match body.next().now_or_never() {
+                Some(next) => next,
+                None if batch.is_empty() => body.next().await,
+                None => {
+                    tokio::select! {
+                        next = body.next() => next,
+                        () = writer.settled() => {
+                            if let Err(err) = writer.write(batch.take()).await {
+                                return Err(drained(&mut body, err).await);
+                            }
+                            body.next().await
+                        }
                     }
                 }
-                break;
+            };
+            match next {
+                Some(Ok(data)) => {
+                    batch.push(data);
+                    if batch.len >= MAX_WRITE_BATCH {
+                        if let Err(err) = writer.write(batch.take()).await {
+                            return Err(drained(&mut body, err).await);
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    // Waited for, so that no temp file outlives the answer.
+                    writer.abandon().await;
+                    return Err(err);
+                }
+                None => break,
             }
         }
-        // A send error means the writer failed already; its result says why.
-        let _ = tx.send(Piece::End).await;
-        let stored = writer
-            .await??
-            .ok_or_else(|| Error::Internal("upload ended without a result".into()))?;
+        let stored = writer.finish(batch.take()).await?;
         Ok(UploadedEntry {
             metadata: (!stored.is_empty()).then_some(stored),
             name: base_name(&path),
@@ -261,13 +265,45 @@ impl Job {
     }
 }
 
+/// Reads (and drops) a bounded rest of a body whose upload failed, and gives back `err`:
+/// answering while the client is still sending makes the connection close under it, and
+/// it would see a broken pipe, not the error. Past the bound the connection is closed.
+async fn drained(body: &mut ByteStream, err: Error) -> Error {
+    let mut drained = 0usize;
+    while drained < DRAIN_ON_ERROR_BYTES {
+        match body.next().await {
+            Some(Ok(rest)) => drained += rest.len(),
+            _ => break,
+        }
+    }
+    err
+}
+
 /// How much of a failed upload's remaining body is read and dropped so the client hears
 /// the error (past that, the connection is closed).
 const DRAIN_ON_ERROR_BYTES: usize = 1024 * 1024;
 
-enum Piece {
-    Data(Bytes),
-    End,
+/// Body chunks waiting to be written together.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        self.chunks.push(data);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn take(&mut self) -> Vec<Bytes> {
+        self.len = 0;
+        std::mem::take(&mut self.chunks)
+    }
 }
 
 /// Where and how one file is written.
@@ -279,84 +315,134 @@ struct Target {
     journal: Option<Arc<Journal>>,
 }
 
-/// The disk side of an upload. Chunks are written in batches on a blocking thread; the
-/// upload begins with the first batch (or the end, for an empty body) and is published after
-/// `End`, and a channel closed without it (client gone, body error) discards it. A body that
-/// arrives whole before the first batch is written (a small file) costs one trip to the
-/// blocking pool: begin, write and publish together.
-async fn write_to_disk(
-    target: Target,
-    mut rx: mpsc::Receiver<Piece>,
-) -> Result<Option<Metadata>, Error> {
-    // Shared with each batch's trip to the blocking pool, not copied for it.
-    let target = Arc::new(target);
-    let mut upload: Option<Upload> = None;
-    loop {
-        let (batch, ended) = match rx.recv().await {
-            Some(Piece::Data(data)) => gather(&mut rx, data),
-            Some(Piece::End) => (Vec::new(), true),
-            None => {
-                // Removing the temp file is a blocking syscall too.
-                if let Some(upload) = upload {
-                    blocking(move || {
-                        tracing::debug!(written = upload.written(), "upload abandoned");
-                        drop(upload);
-                        Ok(())
-                    })
-                    .await?;
-                }
-                return Ok(None);
-            }
-        };
-        let target = Arc::clone(&target);
-        // On an error the upload is dropped on the blocking thread (temp file removed).
-        let step = blocking(move || {
-            let mut upload = match upload {
-                Some(upload) => upload,
-                None => Upload::begin(
-                    &target.path,
-                    &target.owner,
-                    target.declared_len,
-                    target.journal.as_ref(),
-                )?,
+/// The disk side of an upload: one batch at a time is written on a blocking thread while
+/// the next one is read, so an upload holds a blocking thread only while it writes. The
+/// upload begins with the first batch (or at the end, for a body that came whole: begin,
+/// write and publish are then one trip to the blocking pool), is published by
+/// [`DiskWriter::finish`], and is discarded when the writer is dropped before that (the
+/// client left, the body failed).
+struct DiskWriter {
+    target: Arc<Target>,
+    state: Writing,
+}
+
+enum Writing {
+    /// No batch in flight; the upload once begun.
+    Idle(Option<Upload>),
+    /// A batch being written; the upload comes back with its result.
+    Busy(JoinHandle<Result<Upload, Error>>),
+    /// Writing a batch failed (the upload is discarded).
+    Failed(Error),
+    /// Taken: finished, or failed and reported.
+    Over,
+}
+
+impl DiskWriter {
+    fn new(target: Target) -> DiskWriter {
+        DiskWriter {
+            target: Arc::new(target),
+            state: Writing::Idle(None),
+        }
+    }
+
+    /// Resolves once no batch is in flight. Cancel-safe: a batch still in flight stays so.
+    async fn settled(&mut self) {
+        if let Writing::Busy(handle) = &mut self.state {
+            let result = handle.await;
+            self.state = match result.map_err(Error::from).and_then(|written| written) {
+                Ok(upload) => Writing::Idle(Some(upload)),
+                Err(err) => Writing::Failed(err),
             };
-            for data in &batch {
-                upload.write_all(data)?;
+        }
+    }
+
+    /// Waits for the batch in flight; the upload (if begun), or why writing failed.
+    async fn settle(&mut self) -> Result<Option<Upload>, Error> {
+        self.settled().await;
+        match std::mem::replace(&mut self.state, Writing::Over) {
+            Writing::Idle(upload) => Ok(upload),
+            Writing::Failed(err) => Err(err),
+            Writing::Busy(_) | Writing::Over => {
+                Err(Error::Internal("the upload already ended".into()))
             }
-            if ended {
-                return upload.commit(&target.metadata).map(Step::Published);
-            }
-            Ok(Step::Writing(upload))
+        }
+    }
+
+    /// Sends `batch` to disk once the one before it is written; the error of an earlier
+    /// batch (the upload is then discarded).
+    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), Error> {
+        let upload = self.settle().await?;
+        let target = Arc::clone(&self.target);
+        self.state = Writing::Busy(tokio::task::spawn_blocking(move || {
+            let mut upload = begun(upload, &target)?;
+            write_batch(&mut upload, &batch)?;
+            Ok(upload)
+        }));
+        Ok(())
+    }
+
+    /// Writes the last batch and publishes the upload; the metadata as stored.
+    async fn finish(mut self, batch: Vec<Bytes>) -> Result<Metadata, Error> {
+        let upload = self.settle().await?;
+        let target = Arc::clone(&self.target);
+        blocking(move || {
+            let mut upload = begun(upload, &target)?;
+            write_batch(&mut upload, &batch)?;
+            upload.commit(&target.metadata)
         })
-        .await?;
-        match step {
-            Step::Writing(written) => upload = Some(written),
-            Step::Published(stored) => return Ok(Some(stored)),
+        .await
+    }
+
+    /// Discards the upload and waits until its temp file is gone.
+    async fn abandon(mut self) {
+        if let Ok(Some(upload)) = self.settle().await {
+            let _ = tokio::task::spawn_blocking(move || discard(upload)).await;
         }
     }
 }
 
-enum Step {
-    Writing(Upload),
-    Published(Metadata),
+/// Drops an unfinished upload (its temp file is removed): a blocking syscall.
+fn discard(upload: Upload) {
+    tracing::debug!(written = upload.written(), "upload abandoned");
+    drop(upload);
 }
 
-/// `first` and whatever else is already queued, up to [`MAX_WRITE_BATCH`] bytes; and whether
-/// the end came with them.
-fn gather(rx: &mut mpsc::Receiver<Piece>, first: Bytes) -> (Vec<Bytes>, bool) {
-    let mut size = first.len();
-    let mut batch = vec![first];
-    while size < MAX_WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(Piece::Data(data)) => {
-                size += data.len();
-                batch.push(data);
+impl Drop for DiskWriter {
+    /// An unfinished upload is discarded; removing its temp file is a blocking syscall, so
+    /// it happens on a blocking thread (a batch in flight drops it there when done).
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, Writing::Over) {
+            Writing::Idle(Some(upload)) => {
+                tokio::task::spawn_blocking(move || discard(upload));
             }
-            Ok(Piece::End) => return (batch, true),
-            Err(_) => break,
+            Writing::Busy(handle) => {
+                tokio::spawn(async move {
+                    if let Ok(Ok(upload)) = handle.await {
+                        let _ = tokio::task::spawn_blocking(move || discard(upload)).await;
+                    }
+                });
+            }
+            Writing::Idle(None) | Writing::Failed(_) | Writing::Over => {}
         }
     }
-    (batch, false)
+}
+
+/// `upload`, or a new one for `target` (the first batch, or an empty body).
+fn begun(upload: Option<Upload>, target: &Target) -> Result<Upload, Error> {
+    match upload {
+        Some(upload) => Ok(upload),
+        None => Upload::begin(
+            &target.path,
+            &target.owner,
+            target.declared_len,
+            target.journal.as_ref(),
+        ),
+    }
+}
+
+fn write_batch(upload: &mut Upload, batch: &[Bytes]) -> Result<(), Error> {
+    let chunks: Vec<&[u8]> = batch.iter().map(Bytes::as_ref).collect();
+    upload.write_chunks(&chunks)
 }
 
 /// The request body as a stream of bytes, gunzipped when it is gzip-encoded.
