@@ -2,15 +2,13 @@
 //! `/files`) or the default user, and that user's home and the default workdir for path
 //! resolution.
 
-use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::RwLock;
 
 use base64::Engine;
 
 use crate::error::{Error, Result};
+use crate::fs::lookups::StampedCache;
 use crate::fs::path;
 use crate::fs::user::User;
 
@@ -32,62 +30,21 @@ pub struct Identity {
 
 /// The user database file whose change invalidates cached users at once.
 const PASSWD: &str = "/etc/passwd";
-/// How long a cached user is trusted while the database file stays the same; bounds how
-/// stale an entry from another NSS source (LDAP, say) can get.
-const USER_CACHE_TTL: Duration = Duration::from_secs(2);
-/// Users kept at most (a sandbox has a handful).
-const USER_CACHE_MAX: usize = 64;
 
 /// Users found by name, so that a request does not read and parse the user database each
-/// time (seven syscalls through NSS, a large share of a small upload's). An entry is used
-/// only while `/etc/passwd` is the same file with the same size and times as when it was
-/// read (one `stat`), and for at most [`USER_CACHE_TTL`]. Unknown names are never cached:
-/// a user added a moment ago is found.
-#[derive(Debug, Default)]
-struct UserCache {
-    users: Mutex<HashMap<String, (User, Stamp, Instant)>>,
-}
+/// time (see [`StampedCache`]).
+#[derive(Debug)]
+struct UserCache(StampedCache<User>);
 
-/// What identifies one version of the user database file: device, inode, size, and
-/// modification and change times.
-type Stamp = Option<(u64, u64, u64, [i64; 4])>;
-
-fn passwd_stamp() -> Stamp {
-    std::fs::metadata(PASSWD).ok().map(|m| {
-        (
-            m.dev(),
-            m.ino(),
-            m.size(),
-            [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()],
-        )
-    })
+impl Default for UserCache {
+    fn default() -> Self {
+        UserCache(StampedCache::new(PASSWD))
+    }
 }
 
 impl UserCache {
     fn lookup(&self, name: &str) -> Result<Option<User>> {
-        let stamp = passwd_stamp();
-        let users = self
-            .users
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((user, seen, at)) = users.get(name) {
-            if stamp.is_some() && *seen == stamp && at.elapsed() < USER_CACHE_TTL {
-                return Ok(Some(user.clone()));
-            }
-        }
-        drop(users);
-        let found = User::lookup(name)?;
-        if let Some(user) = &found {
-            let mut users = self
-                .users
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if users.len() >= USER_CACHE_MAX {
-                users.clear();
-            }
-            users.insert(name.to_owned(), (user.clone(), stamp, Instant::now()));
-        }
-        Ok(found)
+        self.0.get(name, || User::lookup(name))
     }
 }
 
@@ -246,9 +203,6 @@ mod tests {
         assert_eq!(cache.lookup(&me.name).expect("cached"), direct);
         let unknown = "no-such-user-envd-test";
         assert_eq!(cache.lookup(unknown).expect("lookup"), None);
-        assert!(
-            !cache.users.lock().expect("lock").contains_key(unknown),
-            "unknown names are not cached"
-        );
+        assert!(!cache.0.holds(unknown), "unknown names are not cached");
     }
 }

@@ -21,6 +21,10 @@ const DIR_MODE: u32 = 0o755;
 /// not a directory; [`Error::PermissionDenied`] when a level is missing and the daemon (not
 /// root) cannot give it to `owner`; [`Error::Io`] (or 507) when creating or chowning fails.
 pub fn ensure(path: &Path, owner: &User) -> Result<()> {
+    // Most often the directory is there: one lookup instead of one per level.
+    if std::fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
+        return Ok(());
+    }
     let mut current = PathBuf::new();
     for component in path.components() {
         current.push(component);

@@ -5,6 +5,7 @@
 pub mod dirs;
 pub mod entry;
 pub mod journal;
+pub mod lookups;
 pub mod metadata;
 pub mod ops;
 pub mod owner;

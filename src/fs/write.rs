@@ -83,8 +83,8 @@ impl Upload {
     ) -> Result<Upload> {
         owner::ensure_can_own(owner, path)?;
         dirs::ensure_parent(path, owner)?;
-        let target = follow_symlinks(path)?;
-        let existing = match std::fs::metadata(&target) {
+        let (target, found) = follow_symlinks(path)?;
+        let existing = match found {
             Ok(meta) => Some(meta),
             Err(err) if err.kind() == io::ErrorKind::NotFound => None,
             Err(err) => {
@@ -262,7 +262,8 @@ fn write_all_vectored(file: &mut File, chunks: &[&[u8]]) -> io::Result<()> {
 
 /// The file a write to `path` lands in: symlinks on the final component are followed
 /// (dangling ones too, so the upload creates their target, as `open(O_CREAT)` would).
-fn follow_symlinks(path: &Path) -> Result<PathBuf> {
+/// With it, what `lstat` said of it (not a symlink, so what `stat` would say).
+fn follow_symlinks(path: &Path) -> Result<(PathBuf, io::Result<std::fs::Metadata>)> {
     let mut current = path.to_path_buf();
     for _ in 0..MAX_SYMLINK_HOPS {
         match std::fs::symlink_metadata(&current) {
@@ -275,7 +276,7 @@ fn follow_symlinks(path: &Path) -> Result<PathBuf> {
                     _ => link,
                 };
             }
-            _ => return Ok(current),
+            found => return Ok((current, found)),
         }
     }
     Err(Error::FailedPrecondition(format!(

@@ -3,7 +3,6 @@
 //! child leads its own session, so a signal can reach the whole group it starts.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
@@ -56,20 +55,8 @@ pub fn keeper_spec(spec: &Spec) -> Result<KeeperSpec> {
 fn credentials(spec: &Spec) -> Result<Option<(u32, u32, Vec<u32>)>> {
     let daemon_uid = nix::unistd::geteuid();
     let credentials = if daemon_uid.is_root() {
-        let name = CString::new(spec.user.name.clone())
-            .map_err(|_| Error::InvalidArgument("user name contains NUL".into()))?;
-        let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(spec.user.gid))
-            .map_err(|err| {
-                Error::io(
-                    format!("looking up the groups of '{}'", spec.user.name),
-                    err.into(),
-                )
-            })?;
-        Some((
-            spec.user.uid,
-            spec.user.gid,
-            groups.into_iter().map(|g| g.as_raw()).collect(),
-        ))
+        let groups = crate::fs::lookups::groups(&spec.user.name, spec.user.gid)?;
+        Some((spec.user.uid, spec.user.gid, groups))
     } else if spec.user.uid == daemon_uid.as_raw() {
         None
     } else {
