@@ -3,6 +3,7 @@
 //! returns a report. Shared by the `bench` binary and the smoke test in `tests/`, which
 //! includes this module by path.
 
+pub mod bare_server;
 pub mod daemon;
 pub mod footprint;
 pub mod process;

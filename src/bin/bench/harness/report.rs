@@ -175,8 +175,8 @@ pub fn table(report: &Report) -> String {
     for row in &report.rows {
         let _ = writeln!(out, "{}: {}", row.id, row.title);
         let _ = writeln!(out, "    floor: {}", row.floor_is);
-        if let Some(note) = &row.note {
-            let _ = writeln!(out, "    {note}");
+        for line in row.note.iter().flat_map(|note| note.lines()) {
+            let _ = writeln!(out, "    {line}");
         }
     }
     out

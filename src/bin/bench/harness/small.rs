@@ -72,38 +72,62 @@ pub async fn small_uploads(ctx: &Ctx) -> anyhow::Result<(Row, u64)> {
     // the ones freed in the last few seconds, and with 10,000 files removed between rounds
     // that scan was most of a round's time, on both sides alike, swinging the floor
     // between 2,200 and 13,000 files/s from run to run.
+    //
+    // A third side, the same way, is the row's ceiling: a bare HTTP server in the harness
+    // doing only the floor's work per request, with the daemon's client (see `bare_server`).
     let mut floor = Batch::default();
     let mut daemon = Batch::default();
+    let mut bare = Batch::default();
+    let bare_server = super::bare_server::BareServer::start()?;
     ctx.daemon.reset_peak()?;
     for round in 0..4 {
-        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-            let dir = root.join(format!("{}-{round}", ["floor", "daemon"][side]));
+        let sides = if round % 2 == 0 {
+            [Side::Floor, Side::Daemon, Side::Bare]
+        } else {
+            [Side::Bare, Side::Daemon, Side::Floor]
+        };
+        for side in sides {
+            let dir = root.join(format!("{side:?}-{round}").to_lowercase());
             std::fs::create_dir_all(&dir)?;
             super::transfer::settle().await?;
-            if side == 0 {
-                let content = content.clone();
-                let (files, clients, xattrs) =
-                    (options.small_files, options.small_clients, ctx.xattrs);
-                floor.add(
-                    blocking(move || floor_batch(&dir, &content, files, clients, xattrs)).await?,
-                );
-            } else {
-                daemon.add(daemon_batch(ctx, &dir, &content).await?);
-                check(&dir, options.small_files, ctx.xattrs)?;
+            match side {
+                Side::Floor => {
+                    let content = content.clone();
+                    let (files, clients, xattrs) =
+                        (options.small_files, options.small_clients, ctx.xattrs);
+                    floor.add(
+                        blocking(move || floor_batch(&dir, &content, files, clients, xattrs))
+                            .await?,
+                    );
+                }
+                Side::Daemon => {
+                    daemon.add(http_batch(ctx, &ctx.daemon.url("/files"), &dir, &content).await?);
+                    check(&dir, options.small_files, ctx.xattrs)?;
+                }
+                Side::Bare => {
+                    bare.add(http_batch(ctx, &bare_server.url("/files"), &dir, &content).await?);
+                    check(&dir, options.small_files, ctx.xattrs)?;
+                }
             }
         }
     }
+    drop(bare_server);
     let peak = ctx.daemon.status_kib("VmHWM")?;
     let _ = std::fs::remove_dir_all(&root);
-    let note = Some(match scratch {
+    let daemon_rate = daemon.rate();
+    let floor_rate = floor.rate();
+    let bare_rate = bare.rate();
+    let place = match scratch {
         Ok(_) => "both sides on a fresh ext4 made for the row (a loop-mounted image)".to_owned(),
         Err(why) => format!(
             "measured on the run's directory, not a fresh filesystem ({why}): the floor moves with what the filesystem freed in the last minutes"
         ),
-    });
-
-    let daemon_rate = daemon.rate();
-    let floor_rate = floor.rate();
+    };
+    let note = Some(format!(
+        "{place}\nceiling: a bare HTTP server in the harness doing only the floor's work, same client: {bare_rate:.0} files/s, {:.2} of the floor, p50 {:.3} ms",
+        bare_rate / floor_rate,
+        stats::lower_better(&stats::millis(&bare.latencies)).median,
+    ));
     let ratio = daemon_rate / floor_rate;
     let row = Row {
         id: "small_uploads",
@@ -132,14 +156,23 @@ pub async fn small_uploads(ctx: &Ctx) -> anyhow::Result<(Row, u64)> {
     Ok((row, peak))
 }
 
-async fn daemon_batch(ctx: &Ctx, dir: &Path, content: &Bytes) -> anyhow::Result<Batch> {
+/// Who writes a round's files.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Floor,
+    Daemon,
+    Bare,
+}
+
+/// One round of uploads to `url` (the daemon's `/files`, or the bare server's).
+async fn http_batch(ctx: &Ctx, url: &str, dir: &Path, content: &Bytes) -> anyhow::Result<Batch> {
     let next = Arc::new(AtomicUsize::new(0));
     let files = ctx.options.small_files;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..ctx.options.small_clients {
         let (next, http, content) = (next.clone(), ctx.http.clone(), content.clone());
-        let url = ctx.daemon.url("/files");
+        let url = url.to_owned();
         let dir = dir.to_path_buf();
         let xattrs = ctx.xattrs;
         tasks.spawn(async move {
