@@ -1,14 +1,19 @@
-//! Row 2's ceiling: the most any HTTP server could show in that row with the benchmark's own
-//! client on this machine. A bare HTTP/1.1 server inside the harness whose only work per
-//! request is the floor's (create the file, write it, `fsetxattr` per `X-Metadata-*`
-//! header, close), answering `200 []`. It checks nothing and writes in place (no temp file,
-//! no rename, no ownership), inline on its runtime's threads: it is not a daemon, it is a
-//! bound. Its runtime has the daemon's shape (one worker per core).
+//! Row 2's ceilings: the most an HTTP server could show in that row with the benchmark's
+//! own client on this machine. A bare HTTP/1.1 server inside the harness whose only work
+//! per request is the floor's (create the file, write it, `fsetxattr` per `X-Metadata-*`
+//! header, close), answering `200 []`, inline on its runtime's threads (the daemon's shape:
+//! one worker per core). It checks nothing: it is not a daemon, it is a bound. [`Publish`]
+//! says how it makes the file appear: in place as the floor does, or atomically (readers
+//! never see a partial file), which the daemon must do, through a temp name and `rename`
+//! or through an unnamed file (`O_TMPFILE`) and `linkat`.
 
 use std::convert::Infallible;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -18,6 +23,17 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use xattr::FileExt;
+
+/// How the bare server makes a file appear under its name.
+#[derive(Debug, Clone, Copy)]
+pub enum Publish {
+    /// Created under its name and written there, as the floor does.
+    InPlace,
+    /// Written under a hidden temp name, then renamed over its name.
+    Rename,
+    /// Written as an unnamed file in its directory, then linked in under its name.
+    Link,
+}
 
 /// The running server; stopped when dropped.
 pub struct BareServer {
@@ -31,7 +47,7 @@ impl BareServer {
     ///
     /// # Errors
     /// When the runtime cannot be built or the port bound.
-    pub fn start() -> anyhow::Result<BareServer> {
+    pub fn start(publish: Publish) -> anyhow::Result<BareServer> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
@@ -45,7 +61,7 @@ impl BareServer {
                     return;
                 };
                 tokio::select! {
-                    () = accept(listener) => {}
+                    () = accept(listener, publish) => {}
                     _ = stopped => {}
                 }
             });
@@ -74,12 +90,12 @@ impl Drop for BareServer {
     }
 }
 
-async fn accept(listener: tokio::net::TcpListener) {
+async fn accept(listener: tokio::net::TcpListener, publish: Publish) {
     while let Ok((stream, _)) = listener.accept().await {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|request| async {
-                Ok::<_, Infallible>(answer(request).await)
+            let service = hyper::service::service_fn(move |request| async move {
+                Ok::<_, Infallible>(answer(request, publish).await)
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -88,8 +104,8 @@ async fn accept(listener: tokio::net::TcpListener) {
     }
 }
 
-async fn answer(request: Request<Incoming>) -> Response<Full<Bytes>> {
-    match store(request).await {
+async fn answer(request: Request<Incoming>, publish: Publish) -> Response<Full<Bytes>> {
+    match store(request, publish).await {
         Ok(()) => Response::new(Full::new(Bytes::from_static(b"[]"))),
         Err(err) => {
             let mut response = Response::new(Full::new(Bytes::from(err.to_string())));
@@ -99,19 +115,45 @@ async fn answer(request: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// The floor's syscalls for one request's file.
-async fn store(request: Request<Incoming>) -> anyhow::Result<()> {
+/// The floor's syscalls for one request's file, published as `publish` says.
+async fn store(request: Request<Incoming>, publish: Publish) -> anyhow::Result<()> {
     let (parts, body) = request.into_parts();
     let path = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
         .find(|(key, _)| key == "path")
-        .map(|(_, value)| value.into_owned())
+        .map(|(_, value)| PathBuf::from(value.into_owned()))
         .context("no path")?;
     let content = body.collect().await?.to_bytes();
-    let mut file = File::create(&path)?;
+    let dir = path.parent().context("no directory")?;
+    let temp = dir.join(format!(
+        ".{}.bare",
+        path.file_name().context("no name")?.to_string_lossy()
+    ));
+    let mut file = match publish {
+        Publish::InPlace => File::create(&path)?,
+        Publish::Rename => File::options().write(true).create_new(true).open(&temp)?,
+        Publish::Link => File::options()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)?,
+    };
     file.write_all(&content)?;
     for (name, value) in &parts.headers {
         if let Some(key) = name.as_str().strip_prefix("x-metadata-") {
             file.set_xattr(format!("user.e2b.{key}"), value.as_bytes())?;
+        }
+    }
+    match publish {
+        Publish::InPlace => {}
+        Publish::Rename => std::fs::rename(&temp, &path)?,
+        Publish::Link => {
+            let unnamed = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            nix::unistd::linkat(
+                nix::fcntl::AT_FDCWD,
+                &unnamed,
+                nix::fcntl::AT_FDCWD,
+                &path,
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            )?;
         }
     }
     Ok(())

@@ -9,8 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Image size: room for the small-upload row's files (8 rounds of 10,000 files of 4 KiB).
-const IMAGE_BYTES: u64 = 2 << 30;
+/// Image size (sparse): room for the small-upload row's files, 20 rounds of 10,000 files of
+/// 4 KiB (the floor, the daemon and three bare servers, four rounds each), and an inode
+/// each (ext4 makes one per 16 KiB).
+const IMAGE_BYTES: u64 = 4 << 30;
 
 /// A mounted scratch filesystem; unmounted and removed on drop.
 pub struct Scratch {

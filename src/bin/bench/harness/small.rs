@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use xattr::FileExt;
 
+use super::bare_server::{BareServer, Publish};
 use super::report::{Rate, Row, Target};
 use super::stats;
 use super::{Ctx, blocking};
@@ -73,19 +74,24 @@ pub async fn small_uploads(ctx: &Ctx) -> anyhow::Result<(Row, u64)> {
     // that scan was most of a round's time, on both sides alike, swinging the floor
     // between 2,200 and 13,000 files/s from run to run.
     //
-    // A third side, the same way, is the row's ceiling: a bare HTTP server in the harness
-    // doing only the floor's work per request, with the daemon's client (see `bare_server`).
+    // Three more sides, the same way, are the row's ceilings: a bare HTTP server in the
+    // harness doing only the floor's work per request with the daemon's client, writing
+    // in place and publishing atomically two ways (see `bare_server`).
     let mut floor = Batch::default();
     let mut daemon = Batch::default();
-    let mut bare = Batch::default();
-    let bare_server = super::bare_server::BareServer::start()?;
+    let publishing = [Publish::InPlace, Publish::Rename, Publish::Link];
+    let mut bare: Vec<Batch> = publishing.iter().map(|_| Batch::default()).collect();
+    let servers = publishing
+        .iter()
+        .map(|publish| BareServer::start(*publish))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     ctx.daemon.reset_peak()?;
     for round in 0..4 {
-        let sides = if round % 2 == 0 {
-            [Side::Floor, Side::Daemon, Side::Bare]
-        } else {
-            [Side::Bare, Side::Daemon, Side::Floor]
-        };
+        let mut sides = vec![Side::Floor, Side::Daemon];
+        sides.extend((0..publishing.len()).map(Side::Bare));
+        if round % 2 == 1 {
+            sides.reverse();
+        }
         for side in sides {
             let dir = root.join(format!("{side:?}-{round}").to_lowercase());
             std::fs::create_dir_all(&dir)?;
@@ -104,30 +110,40 @@ pub async fn small_uploads(ctx: &Ctx) -> anyhow::Result<(Row, u64)> {
                     daemon.add(http_batch(ctx, &ctx.daemon.url("/files"), &dir, &content).await?);
                     check(&dir, options.small_files, ctx.xattrs)?;
                 }
-                Side::Bare => {
-                    bare.add(http_batch(ctx, &bare_server.url("/files"), &dir, &content).await?);
+                Side::Bare(index) => {
+                    let url = servers[index].url("/files");
+                    bare[index].add(http_batch(ctx, &url, &dir, &content).await?);
                     check(&dir, options.small_files, ctx.xattrs)?;
                 }
             }
         }
     }
-    drop(bare_server);
+    drop(servers);
     let peak = ctx.daemon.status_kib("VmHWM")?;
     let _ = std::fs::remove_dir_all(&root);
     let daemon_rate = daemon.rate();
     let floor_rate = floor.rate();
-    let bare_rate = bare.rate();
     let place = match scratch {
         Ok(_) => "both sides on a fresh ext4 made for the row (a loop-mounted image)".to_owned(),
         Err(why) => format!(
             "measured on the run's directory, not a fresh filesystem ({why}): the floor moves with what the filesystem freed in the last minutes"
         ),
     };
-    let note = Some(format!(
-        "{place}\nceiling: a bare HTTP server in the harness doing only the floor's work, same client: {bare_rate:.0} files/s, {:.2} of the floor, p50 {:.3} ms",
-        bare_rate / floor_rate,
-        stats::lower_better(&stats::millis(&bare.latencies)).median,
-    ));
+    let mut note = place;
+    for (publish, batch) in publishing.iter().zip(&bare) {
+        let rate = batch.rate();
+        note.push_str(&format!(
+            "\nceiling, a bare HTTP server doing only the floor's work with this client, {}: {rate:.0} files/s, {:.2} of the floor, p50 {:.3} ms",
+            match publish {
+                Publish::InPlace => "writing in place",
+                Publish::Rename => "publishing by rename",
+                Publish::Link => "publishing by O_TMPFILE + linkat",
+            },
+            rate / floor_rate,
+            stats::lower_better(&stats::millis(&batch.latencies)).median,
+        ));
+    }
+    let note = Some(note);
     let ratio = daemon_rate / floor_rate;
     let row = Row {
         id: "small_uploads",
@@ -161,7 +177,8 @@ pub async fn small_uploads(ctx: &Ctx) -> anyhow::Result<(Row, u64)> {
 enum Side {
     Floor,
     Daemon,
-    Bare,
+    /// The bare server publishing the `n`th way.
+    Bare(usize),
 }
 
 /// One round of uploads to `url` (the daemon's `/files`, or the bare server's).
