@@ -483,10 +483,11 @@ async fn a_paused_body_is_written_as_it_came_and_the_file_is_whole() {
             }
         }
     };
-    let temp_len = || {
-        common::upload_temps(dir.path())
+    // A new file is written unnamed until it is complete.
+    let written = || {
+        common::unnamed_uploads(daemon.pid(), dir.path())
             .first()
-            .and_then(|name| std::fs::metadata(dir.path().join(name)).ok())
+            .and_then(|fd| std::fs::metadata(fd).ok())
             .map_or(0, |meta| meta.len())
     };
     let client = async {
@@ -495,7 +496,7 @@ async fn a_paused_body_is_written_as_it_came_and_the_file_is_whole() {
         common::wait_until(
             "the bytes before the pause to be written",
             Duration::from_secs(20),
-            || temp_len() == BEFORE_PAUSE as u64,
+            || written() == BEFORE_PAUSE as u64,
         )
         .await;
         send(tx, BEFORE_PAUSE..TOTAL).await;
@@ -509,6 +510,7 @@ async fn a_paused_body_is_written_as_it_came_and_the_file_is_whole() {
         "the stored bytes differ from the sent ones"
     );
     assert_eq!(common::upload_temps(dir.path()), Vec::<String>::new());
+    assert!(common::unnamed_uploads(daemon.pid(), dir.path()).is_empty());
 }
 
 /// A stream of what `rx` receives, for a request body sent piece by piece.

@@ -341,13 +341,13 @@ async fn stalled_uploads_do_not_pin_the_blocking_threads() {
             .expect("part of the body");
         sockets.push(stream);
     }
-    // Every upload has begun (each made its temp file on a blocking thread) ...
-    wait_for_dir_change(
-        dir.path(),
-        || common::upload_temps(dir.path()).len() == STALLED,
-        Duration::from_secs(10),
+    // Every upload has begun (each made its unnamed file on a blocking thread) ...
+    common::wait_until(
         "every stalled upload to begin",
-    );
+        Duration::from_secs(10),
+        || common::unnamed_uploads(daemon.pid(), dir.path()).len() == STALLED,
+    )
+    .await;
     // ... and the blocking threads are free for everyone else.
     let stat = common::connect_json(
         &daemon,
@@ -361,12 +361,20 @@ async fn stalled_uploads_do_not_pin_the_blocking_threads() {
     let done = dir.path().join("done.txt");
     assert_eq!(upload(&daemon, &done, "done", &[]).await.status(), 200);
     drop(sockets);
-    wait_for_dir_change(
-        dir.path(),
-        || common::upload_temps(dir.path()).is_empty(),
+    common::wait_until(
+        "the abandoned uploads to be let go",
         Duration::from_secs(10),
-        "the abandoned uploads to be removed",
-    );
+        || common::unnamed_uploads(daemon.pid(), dir.path()).is_empty(),
+    )
+    .await;
+    assert!(common::upload_temps(dir.path()).is_empty());
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read_dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["done.txt"], "abandoned uploads leave nothing");
 }
 
 #[tokio::test]

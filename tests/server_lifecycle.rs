@@ -23,8 +23,8 @@ async fn health_and_unknown_paths() {
     assert_eq!(response.status(), 404);
 }
 
-#[test]
-fn sigterm_lets_an_in_flight_upload_finish_and_exits_zero() {
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_upload_finish_and_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = Daemon::start();
     let path = dir.path().join("inflight.txt");
@@ -34,16 +34,13 @@ fn sigterm_lets_an_in_flight_upload_finish_and_exits_zero() {
         path.display()
     );
     socket.write_all(head.as_bytes()).expect("head");
-    common::wait_for_dir_change(
-        dir.path(),
-        || {
-            std::fs::read_dir(dir.path())
-                .map(|d| d.count() > 0)
-                .unwrap_or(false)
-        },
-        std::time::Duration::from_secs(20),
+    // The new file is being written (unnamed until complete).
+    common::wait_until(
         "the upload to start",
-    );
+        std::time::Duration::from_secs(20),
+        || !common::unnamed_uploads(daemon.pid(), dir.path()).is_empty(),
+    )
+    .await;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).expect("pid"));
     nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
     socket.write_all(b"56789").expect("rest of the body");

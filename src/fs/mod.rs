@@ -10,6 +10,7 @@ pub mod metadata;
 pub mod ops;
 pub mod owner;
 pub mod path;
+pub mod unnamed;
 pub mod user;
 pub mod watch;
 pub mod write;

@@ -6,6 +6,11 @@
 //! new one, each with its own metadata, never a mix or a fragment. A failed or abandoned
 //! upload removes its temp file and leaves the target untouched.
 //!
+//! A new file (no target yet) is written the same way as an unnamed file instead
+//! ([`crate::fs::unnamed`]) and linked in under its name: no temp name, and nothing left
+//! behind by a crash. Should the target appear meanwhile, the file is linked under a temp
+//! name and renamed over it.
+//!
 //! Every temp file is recorded in the upload journal ([`crate::fs::journal`]) from before
 //! it exists until after it is renamed or removed, so a crash of the daemon leaves nothing
 //! that the next start does not remove.
@@ -26,6 +31,7 @@ use crate::fs::entry::is_special;
 use crate::fs::journal::{Entry, Journal};
 use crate::fs::metadata::{self, Metadata, Source};
 use crate::fs::owner;
+use crate::fs::unnamed;
 use crate::fs::user::User;
 
 /// Mode of newly created files before the umask (0644 with the usual umask).
@@ -53,6 +59,10 @@ pub struct Upload {
     target: PathBuf,
     /// The temp file, for a replace-by-rename upload.
     temp: Option<PathBuf>,
+    /// The file is unnamed (a new file): it is linked in under the target's name.
+    unnamed: bool,
+    /// The journal a temp name is recorded in (an unnamed file that must take one).
+    journal: Option<Arc<Journal>>,
     /// Mode bits to keep when replacing an existing file.
     keep_mode: Option<u32>,
     /// The target is a device, fifo or socket: no owner change, no metadata (Linux allows
@@ -109,7 +119,15 @@ impl Upload {
                 Error::io(format!("error opening file {}", target.display()), err)
             }
         };
-        let (file, temp, entry) = if in_place {
+        let unnamed = if in_place || existing.is_some() {
+            None
+        } else {
+            let dir = target.parent().unwrap_or(Path::new("/"));
+            unnamed::open(dir, NEW_FILE_MODE).map_err(open_error)?
+        };
+        let (file, temp, entry) = if let Some(file) = unnamed {
+            (file, None, None)
+        } else if in_place {
             let file = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -133,6 +151,8 @@ impl Upload {
             file,
             keep_mode: existing.map(|m| m.permissions().mode() & 0o7777),
             special,
+            unnamed: temp.is_none() && !in_place,
+            journal: journal.cloned(),
             target,
             temp,
             owner: owner.clone(),
@@ -203,7 +223,7 @@ impl Upload {
                 })?;
             }
         }
-        let stored = if self.temp.is_some() {
+        let stored = if self.temp.is_some() || self.unnamed {
             // Our own new file: it carries exactly what was set (nothing, where the
             // filesystem has no xattrs), so there is nothing to remove or read back.
             if metadata::set_on_new(&self.file, &self.target, metadata)? {
@@ -218,6 +238,20 @@ impl Upload {
                 Metadata::new()
             })
         };
+        if self.unnamed {
+            match unnamed::link(&self.file, &self.target) {
+                Ok(()) => return Ok(stored),
+                // The target appeared meanwhile: it is replaced, as any upload's.
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                    let temp = temp_path(&self.target);
+                    self._entry = self.journal.as_ref().and_then(|j| j.record(&temp));
+                    unnamed::link(&self.file, &temp)
+                        .map_err(|err| Error::io(context("error replacing"), err))?;
+                    self.temp = Some(temp);
+                }
+                Err(err) => return Err(Error::io(context("error creating"), err)),
+            }
+        }
         if let Some(temp) = self.temp.take() {
             if let Err(err) = std::fs::rename(&temp, &self.target) {
                 self.temp = Some(temp);
@@ -372,6 +406,41 @@ mod tests {
         assert_eq!(up.written(), expected.len() as u64);
         up.commit(&Metadata::new()).expect("commit");
         assert_eq!(std::fs::read(&path).expect("read"), expected);
+    }
+
+    #[test]
+    fn a_new_file_is_unnamed_until_published_and_replaces_one_made_meanwhile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("new");
+        let mut up = Upload::begin(&path, &me(), None, None).expect("begin");
+        up.write_all(b"uploaded").expect("write");
+        assert!(up.unnamed, "a new file is written unnamed");
+        let names = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .expect("read_dir")
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert!(
+            names(dir.path()).is_empty(),
+            "nothing is named before the commit"
+        );
+        // Someone creates the target meanwhile: the upload still wins, as a replace.
+        std::fs::write(&path, b"raced").expect("write");
+        up.commit(&Metadata::new()).expect("commit");
+        assert_eq!(std::fs::read(&path).expect("read"), b"uploaded");
+        assert_eq!(names(dir.path()), ["new"]);
+
+        let dropped = dir.path().join("dropped");
+        let mut up = Upload::begin(&dropped, &me(), None, None).expect("begin");
+        up.write_all(b"partial").expect("write");
+        drop(up);
+        assert_eq!(
+            names(dir.path()),
+            ["new"],
+            "an abandoned new file leaves nothing"
+        );
     }
 
     #[test]

@@ -190,6 +190,23 @@ pub fn upload_temps(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The uploads of new files that daemon `pid` is writing in `dir`: unnamed files (they
+/// have no name until complete), as their `/proc/<pid>/fd` links, which open and stat them.
+pub fn unnamed_uploads(pid: u32, dir: &Path) -> Vec<std::path::PathBuf> {
+    let prefix = format!("{}/#", dir.display());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's fds")
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                let target = target.to_string_lossy();
+                target.starts_with(&prefix) && target.ends_with(" (deleted)")
+            })
+        })
+        .map(|fd| fd.path())
+        .collect()
+}
+
 /// A plain HTTP/1.1 client.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().build().expect("client")

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::fs::entry::{self, EntryInfo};
+use crate::fs::unnamed;
 use crate::fs::user::NameCache;
 
 /// Notices buffered between a watch's task and its consumer.
@@ -396,12 +397,26 @@ async fn run(
             }
             continue;
         }
-        let kinds =
-            if event.mask.contains(EventMask::MOVED_TO) && upload_moves.remove(&event.cookie) {
-                vec![EventKind::Create, EventKind::Write]
-            } else {
-                kinds(event.mask)
-            };
+        // A new file being uploaded has no name yet (see `unnamed`): its events are not
+        // entries' events, and its link is the upload's create and write.
+        if !is_dir
+            && event
+                .name
+                .as_deref()
+                .is_some_and(|name| unnamed::is_unnamed_event(&spec.path.join(&dir), name))
+        {
+            continue;
+        }
+        let kinds = if event.mask.contains(EventMask::MOVED_TO)
+            && upload_moves.remove(&event.cookie)
+            || !is_dir
+                && event.mask.contains(EventMask::CREATE)
+                && unnamed::was_linked(&spec.path.join(&rel))
+        {
+            vec![EventKind::Create, EventKind::Write]
+        } else {
+            kinds(event.mask)
+        };
         if event
             .mask
             .intersects(EventMask::CREATE | EventMask::MOVED_TO)
