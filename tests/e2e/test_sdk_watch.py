@@ -20,6 +20,7 @@ arrived too.
 
 import asyncio
 import os
+import re
 import time
 import uuid
 
@@ -83,13 +84,44 @@ def sentinel_seen(name):
 
 
 def assert_no_upload_temp_names(events):
-    leaked = [e.name for e in events if UPLOAD_TEMP_MARKER in e.name]
+    """Neither temp files nor unnamed files (the kernel calls them ``#<inode>``)."""
+    leaked = [
+        e.name
+        for e in events
+        if UPLOAD_TEMP_MARKER in e.name
+        or re.fullmatch(r"#[0-9]+", os.path.basename(e.name))
+    ]
     assert leaked == [], f"upload temp files leaked into watch events: {leaked}"
 
 
 def upload_temp_files(directory):
     """Names in ``directory`` (on disk) that are in-progress upload temp files."""
     return [n for n in os.listdir(directory) if UPLOAD_TEMP_MARKER in n]
+
+
+def unnamed_upload_files(directory):
+    """Uploads of new files in progress in ``directory``: the daemon writes those as
+    unnamed (``O_TMPFILE``) files, which show only among its open descriptors."""
+    prefix = os.path.join(directory, "#")
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix) and target.endswith(" (deleted)"):
+                found.append(target)
+    return found
+
+
+def upload_in_progress(directory):
+    """Whether an upload is being written in ``directory`` (a temp file or an unnamed one)."""
+    return bool(upload_temp_files(directory) or unnamed_upload_files(directory))
 
 
 def wait_until(condition, what):
@@ -529,7 +561,7 @@ def test_upload_in_progress_in_a_directory_moved_into_the_tree_is_not_reported(
     sandbox, workdir, watched
 ):
     """A recursive watch walks a directory moved into the tree; an upload still
-    in progress in it (its hidden temp file open) must not be reported, and the
+    in progress in it (its unnamed file open) must not be reported, and the
     upload, once done, is reported as CREATE and WRITE of its target."""
     inner = os.path.join(watched, "inner")
     parked = os.path.join(workdir, "parked")
@@ -539,9 +571,9 @@ def test_upload_in_progress_in_a_directory_moved_into_the_tree_is_not_reported(
 
         def body():
             yield b"first half, "
-            wait_until(lambda: upload_temp_files(inner), "the upload's temp file in inner")
+            wait_until(lambda: upload_in_progress(inner), "the upload's file in inner")
             # Move the directory out of the tree and back in while the upload's
-            # temp file is in it; hold the rest of the body back until the
+            # file is in it; hold the rest of the body back until the
             # watcher has seen it come back (and walked it).
             sandbox.files.rename(inner, parked)
             sandbox.files.rename(parked, inner)
@@ -800,7 +832,7 @@ async def test_async_upload_in_progress_in_a_directory_moved_into_the_tree_is_no
 
         async def body():
             yield b"first half, "
-            await async_wait_until(lambda: upload_temp_files(inner), "the upload's temp file in inner")
+            await async_wait_until(lambda: upload_in_progress(inner), "the upload's file in inner")
             await sbx.files.rename(inner, parked)
             await sbx.files.rename(parked, inner)
             await collector.wait_events(lambda evs: (CREATE, "inner") in pairs(evs), "CREATE of inner")
