@@ -16,9 +16,21 @@ use crate::persist::StateDir;
 use crate::process::registry::ProcessTable;
 use crate::server::slots::ConnectionSlots;
 
-/// Everything a handler may need, cheap to clone.
+/// Everything a handler may need: one `Arc`, so that a clone (several per request: the
+/// router, the gate, each extractor) is one atomic increment rather than one per part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     /// The validated configuration.
     pub config: Arc<Config>,
     /// Default user and workdir; request identities.
@@ -58,7 +70,7 @@ impl AppState {
         if let Err(err) = std::fs::create_dir_all(&keeper_dir) {
             tracing::error!(dir = %keeper_dir.display(), %err, "creating the keepers' socket directory");
         }
-        AppState {
+        AppState(Arc::new(Shared {
             connections: Arc::new(ConnectionSlots::new(config.limits.max_connections)),
             uploads: config.upload_journal.as_deref().and_then(open_journal),
             processes: ProcessTable::new(config.kill_grace, keeper_dir, state_dir.clone()),
@@ -81,7 +93,7 @@ impl AppState {
             )),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
-        }
+        }))
     }
 }
 
