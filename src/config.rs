@@ -1,5 +1,6 @@
 //! The command line, parsed once into a validated [`Config`] that is passed down.
 
+use clap::builder::TypedValueParser as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,7 +59,13 @@ pub struct Cli {
     pub default_user: Option<String>,
     /// The state directory (the `/init` state, the process table, keeper sockets); an
     /// empty value keeps no state.
-    #[arg(long, env = "ENVD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    // An `OsString` parser: clap's `PathBuf` parser refuses the empty value.
+    #[arg(
+        long,
+        env = "ENVD_STATE_DIR",
+        default_value = DEFAULT_STATE_DIR,
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
+    )]
     pub state_dir: PathBuf,
     /// Whether `/init` may set the system clock to the host's time.
     #[arg(long, env = "ENVD_SET_CLOCK", default_value_t = DEFAULT_SET_CLOCK, action = clap::ArgAction::Set)]
@@ -199,5 +206,30 @@ fn own_user_unless_root() -> Result<String, String> {
         _ => Err(format!(
             "uid {uid} has no entry in /etc/passwd; pass --default-user"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The help says an empty state directory or upload journal turns either off: the
+    /// command line and the environment must both accept the empty value.
+    #[test]
+    fn an_empty_state_dir_or_journal_keeps_none() {
+        let cli = Cli::try_parse_from(["envd", "--state-dir=", "--upload-journal-dir="])
+            .expect("empty values parse");
+        assert!(cli.state_dir.as_os_str().is_empty());
+        assert!(cli.upload_journal_dir.is_empty());
+        let cli = Cli::try_parse_from(["envd", "--state-dir", "/run/x"]).expect("parses");
+        assert_eq!(cli.state_dir, PathBuf::from("/run/x"));
+        let config = Config::from_cli(
+            Cli::try_parse_from(["envd", "--state-dir=", "--default-user", "root"])
+                .expect("parses"),
+        );
+        let config = config.expect("valid");
+        assert_eq!(config.state_dir, None);
     }
 }
