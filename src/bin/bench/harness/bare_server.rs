@@ -1,14 +1,17 @@
-//! Row 2's ceilings: the most an HTTP server could show in that row with the benchmark's
+//! The rows' ceilings: the most an HTTP server could show in a row with the benchmark's
 //! own client on this machine. A bare HTTP/1.1 server inside the harness whose only work
-//! per request is the floor's (create the file, write it, `fsetxattr` per `X-Metadata-*`
-//! header, close), answering `200 []`, inline on its runtime's threads (the daemon's shape:
-//! one worker per core). It checks nothing: it is not a daemon, it is a bound. [`Publish`]
-//! says how it makes the file appear: in place as the floor does, or atomically (readers
-//! never see a partial file), which the daemon must do, through a temp name and `rename`
-//! or through an unnamed file (`O_TMPFILE`) and `linkat`.
+//! per request is the floor's, inline on its runtime's threads (the daemon's shape: one
+//! worker per core). It checks nothing: it is not a daemon, it is a bound.
+//!
+//! Row 2's work ([`BareServer::start`]): create the file, write it, `fsetxattr` per
+//! `X-Metadata-*` header, close, and answer `200 []`. [`Publish`] says how it makes the
+//! file appear: in place as the floor does, or atomically (readers never see a partial
+//! file), which the daemon must do, through a temp name and `rename` or through an unnamed
+//! file (`O_TMPFILE`) and `linkat`. Row 6's work is in `bare_start`.
 
 use std::convert::Infallible;
 use std::fs::File;
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -43,11 +46,26 @@ pub struct BareServer {
 }
 
 impl BareServer {
-    /// Binds a loopback port and serves on a thread of its own.
+    /// Row 2's server: stores each request's body as the floor does, published as
+    /// `publish` says.
     ///
     /// # Errors
     /// When the runtime cannot be built or the port bound.
     pub fn start(publish: Publish) -> anyhow::Result<BareServer> {
+        BareServer::serve(move |request| answer(request, publish))
+    }
+
+    /// Binds a loopback port and answers every request with `answer`, on a runtime and a
+    /// thread of its own.
+    ///
+    /// # Errors
+    /// When the runtime cannot be built or the port bound.
+    pub fn serve<F, R, B>(answer: F) -> anyhow::Result<BareServer>
+    where
+        F: Fn(Request<Incoming>) -> R + Clone + Send + Sync + 'static,
+        R: Future<Output = Response<B>> + Send + 'static,
+        B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+    {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
@@ -61,7 +79,7 @@ impl BareServer {
                     return;
                 };
                 tokio::select! {
-                    () = accept(listener, publish) => {}
+                    () = accept(listener, answer) => {}
                     _ = stopped => {}
                 }
             });
@@ -90,12 +108,19 @@ impl Drop for BareServer {
     }
 }
 
-async fn accept(listener: tokio::net::TcpListener, publish: Publish) {
+async fn accept<F, R, B>(listener: tokio::net::TcpListener, answer: F)
+where
+    F: Fn(Request<Incoming>) -> R + Clone + Send + Sync + 'static,
+    R: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+{
     while let Ok((stream, _)) = listener.accept().await {
         let _ = stream.set_nodelay(true);
+        let answer = answer.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| async move {
-                Ok::<_, Infallible>(answer(request, publish).await)
+            let service = hyper::service::service_fn(move |request| {
+                let answer = answer.clone();
+                async move { Ok::<_, Infallible>(answer(request).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -4,6 +4,7 @@
 //! includes this module by path.
 
 pub mod bare_server;
+pub mod bare_start;
 pub mod daemon;
 pub mod footprint;
 pub mod process;
