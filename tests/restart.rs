@@ -501,3 +501,30 @@ fn readiness_and_watchdog_over_the_notify_socket() {
     }
     assert!(stopping, "STOPPING=1 on shutdown");
 }
+
+#[tokio::test]
+async fn starts_back_to_back_and_at_once_leave_one_spare_keeper() {
+    let state = State::new();
+    let daemon = state.start();
+    // Back to back: each start comes while the last one's spare is still to be started
+    // (it is started just after the end), and waits for it or starts its own.
+    for n in 0..6 {
+        let line = format!("seq{n}");
+        start_and_see(&daemon, bash(&format!("echo {line}"), None), &line).await;
+    }
+    // At once: one gets the spare, the others start keepers of their own.
+    let starts = (0..6).map(|n| {
+        let line = format!("par{n}");
+        let daemon = &daemon;
+        async move { start_and_see(daemon, bash(&format!("echo {line}"), None), &line).await }
+    });
+    let pids = futures_util::future::join_all(starts).await;
+    assert_eq!(pids.len(), 6);
+    // Every keeper of an ended process goes, and exactly one spare is left waiting.
+    wait_until(
+        "one spare keeper, and no other",
+        Duration::from_secs(10),
+        || keepers(state.path()).len() == 1,
+    )
+    .await;
+}

@@ -1,5 +1,5 @@
-//! Output fan-out: the readers of a process's stdout/stderr (or PTY) feed one source queue;
-//! one task hands each chunk to every subscriber.
+//! Output fan-out: the process's task (reading its keeper's link) hands each chunk of its
+//! stdout/stderr (or PTY) to every subscriber.
 //!
 //! Policy (memory stays bounded whatever the process writes):
 //! - no subscriber: the chunk is discarded (as envd does), so a process nobody watches
@@ -22,8 +22,6 @@ use crate::process::registry::EndReason;
 
 /// Chunks a subscriber may have queued (each at most 32 KiB, so at most 4 MiB).
 pub const SUBSCRIBER_QUEUE: usize = 128;
-/// Chunks read but not yet handed out.
-pub const SOURCE_QUEUE: usize = 64;
 
 /// Which output a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,14 +159,9 @@ impl Hub {
         self.end.borrow().clone()
     }
 
-    /// Hands out every chunk from `source` until it closes (all readers done).
-    pub async fn run(self: Arc<Self>, mut source: mpsc::Receiver<Chunk>) {
-        while let Some(chunk) = source.recv().await {
-            self.deliver(chunk).await;
-        }
-    }
-
-    async fn deliver(&self, chunk: Chunk) {
+    /// Hands `chunk` to every subscriber, as the policy above says: it waits only when
+    /// every subscriber is behind.
+    pub async fn deliver(&self, chunk: Chunk) {
         loop {
             let targets: Vec<(u64, mpsc::Sender<Chunk>)> = self
                 .lock()
@@ -264,13 +257,9 @@ mod tests {
         let hub = Hub::new();
         let mut a = hub.subscribe().expect("open");
         let mut b = hub.subscribe().expect("open");
-        let (tx, rx) = mpsc::channel(SOURCE_QUEUE);
-        let runner = tokio::spawn(hub.clone().run(rx));
         for n in 0..10 {
-            tx.send(chunk(n)).await.expect("send");
+            hub.deliver(chunk(n)).await;
         }
-        drop(tx);
-        runner.await.expect("run");
         hub.finish(exit0(), EndReason::Exit);
         for sub in [&mut a, &mut b] {
             for n in 0..10 {

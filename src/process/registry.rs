@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::persist::StateDir;
@@ -23,7 +22,7 @@ use crate::process::deadline::{Deadline, Deadlines, Expire};
 use crate::process::exit::Exit;
 use crate::process::keeper::KeeperSpec;
 use crate::process::keeper::client::{self, Link, Spare, StartError};
-use crate::process::output::{Ended, Hub, SOURCE_QUEUE, Subscription};
+use crate::process::output::{Ended, Hub, Subscription};
 use crate::process::spawn::{self, Spec};
 
 /// How long an ended process's exit stays available to `Connect` (envd's value).
@@ -180,6 +179,8 @@ pub struct ProcessTable {
     spare: Mutex<Option<Spare>>,
     /// A spare is being started.
     refilling: AtomicBool,
+    /// Signalled when a refill ends (with a spare or without).
+    refilled: tokio::sync::Notify,
 }
 
 /// What `Connect` finds.
@@ -212,6 +213,7 @@ impl ProcessTable {
             sockets: AtomicU64::new(0),
             spare: Mutex::new(None),
             refilling: AtomicBool::new(false),
+            refilled: tokio::sync::Notify::new(),
         });
         table.refill_spare();
         if table.state_dir.is_some() {
@@ -313,7 +315,14 @@ impl ProcessTable {
             stdin,
             end_at: deadline.map(|d| d.end_at),
         };
-        let (link, pending, slot) = self.launch(&keeper_spec, pending).await?;
+        let (link, pending, slot) = match self.launch(&keeper_spec, pending).await {
+            Ok(launched) => launched,
+            Err(err) => {
+                // The spare went to a start that failed: the next one is needed now.
+                self.refill_spare();
+                return Err(err);
+            }
+        };
         let (process, subscription) = self.register(
             link,
             pending.socket,
@@ -324,13 +333,36 @@ impl ProcessTable {
             true,
             Some(slot),
         );
+        self.refill_after(process.hub.clone());
         let subscription =
             subscription.ok_or_else(|| Error::Internal("a new process hub is closed".into()))?;
         Ok((process, subscription))
     }
 
-    /// Starts `spec` through the spare keeper, or a new one when there is none (or the spare
-    /// turns out dead), and has the next spare started.
+    /// Has the next spare started once `hub`'s process has ended and its end has gone out
+    /// ([`REFILL_AFTER_END`]), or [`REFILL_AFTER_START`] into its life, whichever is first.
+    ///
+    /// Not at once: a keeper's exec and start-up take a core for about a millisecond, and
+    /// on a small machine that core is the one the start's own work needs (the process's
+    /// exec, its keeper, the daemon relaying its start and end, the client reading them).
+    /// Measured side by side (README, "Benchmark"), a refill at once cost a short
+    /// command's start 0.2–0.3 ms.
+    fn refill_after(self: &Arc<Self>, hub: Arc<Hub>) {
+        let table = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = hub.ended() => tokio::time::sleep(REFILL_AFTER_END).await,
+                () = tokio::time::sleep(REFILL_AFTER_START) => {}
+            }
+            if let Some(table) = table.upgrade() {
+                table.refill_spare();
+            }
+        });
+    }
+
+    /// Starts `spec` through the spare keeper (waiting for one being started), or a new one
+    /// when there is none (or the spare turns out dead). The next spare is the caller's
+    /// business (see [`ProcessTable::refill_after`]).
     ///
     /// Recorded before the client hears of it, so that a crash right after still finds the
     /// process: `pending` (with the keeper's socket) is saved while the keeper starts it,
@@ -340,7 +372,7 @@ impl ProcessTable {
         spec: &KeeperSpec,
         mut pending: SavedProcess,
     ) -> Result<(Link, SavedProcess, u64)> {
-        let mut spare = self.spare_slot().take();
+        let mut spare = self.take_spare().await;
         let mut lost_one = false;
         let result = loop {
             let keeper = match spare.take() {
@@ -367,8 +399,6 @@ impl ProcessTable {
                 }
             }
         };
-        // After this start, so the next keeper's exec does not compete with it.
-        self.refill_spare();
         result.map(|(link, slot)| (link, pending, slot))
     }
 
@@ -384,6 +414,24 @@ impl ProcessTable {
     fn remove_pending(&self, slot: u64) {
         self.lock().starting.remove(&slot);
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The spare keeper; while one is being started, it once it is (a fresh spawn would
+    /// only start a second keeper beside it, and later).
+    async fn take_spare(&self) -> Option<Spare> {
+        loop {
+            let refilled = self.refilled.notified();
+            tokio::pin!(refilled);
+            // Registered before the checks: a refill that ends between them still wakes us.
+            refilled.as_mut().enable();
+            if let Some(spare) = self.spare_slot().take() {
+                return Some(spare);
+            }
+            if !self.refilling.load(Ordering::Acquire) {
+                return None;
+            }
+            refilled.await;
+        }
     }
 
     fn spare_slot(&self) -> std::sync::MutexGuard<'_, Option<Spare>> {
@@ -403,7 +451,7 @@ impl ProcessTable {
         let table = Arc::downgrade(self);
         tokio::spawn(async move {
             let Some(table) = table.upgrade() else { return };
-            let _refilled = Refilled(&table.refilling);
+            let _refilled = Refilled(&table.refilling, &table.refilled);
             if table.spare_slot().is_some() {
                 return;
             }
@@ -447,9 +495,6 @@ impl ProcessTable {
         let pid = link.hello.pid;
         let hub = Hub::new();
         let subscription = subscribe.then(|| hub.subscribe().ok()).flatten();
-        let (source, source_rx) = mpsc::channel(SOURCE_QUEUE);
-        let (exit_tx, exit_rx) = oneshot::channel();
-        link.spawn_reader(source, exit_tx);
         let process = Arc::new(Process {
             pid,
             tag: tag.clone(),
@@ -481,28 +526,20 @@ impl ProcessTable {
         if deadline.is_some() {
             let _ = self.deadlines.set(process.seq, &process, deadline, || true);
         }
-        let fan_out = tokio::spawn(hub.run(source_rx));
-        tokio::spawn(self.clone().lifecycle(process.clone(), exit_rx, fan_out));
+        tokio::spawn(self.clone().lifecycle(process.clone()));
         self.changed.send_modify(|n| *n += 1);
         (process, subscription)
     }
 
-    async fn lifecycle(
-        self: Arc<Self>,
-        process: Arc<Process>,
-        exit: oneshot::Receiver<std::process::ExitStatus>,
-        fan_out: tokio::task::JoinHandle<()>,
-    ) {
-        // The keeper reports the exit after the output (or at once after a kill), and the
-        // reader ends with it, which lets the fan-out finish.
-        let status = exit
-            .await
-            .unwrap_or_else(|_| std::process::ExitStatus::from_raw(libc::SIGKILL));
+    /// A process's one task: its output to the subscribers, then its end recorded and
+    /// handed to them, then its keeper released. One task rather than a reader, a fan-out
+    /// and a waiter: the end of a short command reaches its clients one wake-up after the
+    /// keeper reports it.
+    async fn lifecycle(self: Arc<Self>, process: Arc<Process>) {
+        // The keeper reports the exit after the output (or at once after a kill).
+        let status = process.link.forward_output(&process.hub).await;
         self.deadlines.clear(process.seq);
         let exit = Exit::from_status(status);
-        if let Err(err) = fan_out.await {
-            tracing::warn!(%err, "output fan-out task failed");
-        }
         let reason = process.reason(&exit);
         // Recorded as exited before the end is sent: a client that sees the end and then
         // lists or re-attaches finds the exit, never a process still "ending".
@@ -843,11 +880,12 @@ impl Expire for Process {
 }
 
 /// Clears the refill flag when a refill ends, however it ends.
-struct Refilled<'a>(&'a AtomicBool);
+struct Refilled<'a>(&'a AtomicBool, &'a tokio::sync::Notify);
 
 impl Drop for Refilled<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+        self.1.notify_waiters();
     }
 }
 
@@ -863,6 +901,13 @@ fn input_error(message: &str) -> Error {
 /// can wait this long, so that a short command's start, pid and exit are one write, made
 /// after its end event, rather than three made while it runs.
 const SAVE_GATHER: Duration = Duration::from_millis(20);
+
+/// How long after a process's end the next spare keeper is started (see
+/// `ProcessTable::refill_after`): long enough for the end to have reached the client.
+const REFILL_AFTER_END: Duration = Duration::from_millis(1);
+/// How far into a process's life the next spare keeper is started, when it is still
+/// running: a start that follows it sooner waits for that spare rather than spawning one.
+const REFILL_AFTER_START: Duration = Duration::from_millis(5);
 
 /// Saves the table whenever it changes (coalescing bursts).
 async fn save_on_change(table: std::sync::Weak<ProcessTable>, mut changed: watch::Receiver<u64>) {

@@ -1,6 +1,6 @@
 //! The `process.Process` service: thin adapters from protobuf to the process core and back.
-//! Event streams are fed by one producer task per stream through a bounded channel; a
-//! failed send means the client left (the process keeps running).
+//! Event streams read the process's output subscription as the client's connection polls
+//! them; a client that leaves drops its stream (the process keeps running).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use nix::sys::signal::Signal;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::process::output::{Ended, Event, Stream as OutputStream, Subscription};
@@ -20,9 +18,6 @@ use crate::rpc::keepalive_interval;
 use crate::rpc::lifetime::parse_grpc_timeout;
 use crate::rpc::trailers::ExtraTrailers;
 use crate::state::AppState;
-
-/// Events buffered between a stream's producer and the client.
-const STREAM_BUFFER: usize = 16;
 
 /// The process RPCs.
 #[derive(Clone)]
@@ -76,6 +71,11 @@ fn data_event(stream: OutputStream, data: bytes::Bytes) -> pb::ProcessEvent {
 
 /// Streams `start`, then output and keepalives, then the end, wrapping each event with
 /// `wrap` (StartResponse or ConnectResponse).
+///
+/// The stream reads the subscription itself, polled by the connection that sends it: no
+/// task and no channel between the process's output and the client, so the end of a short
+/// command reaches the client one wake-up after the keeper reports it. A client that
+/// leaves drops the stream, and with it the subscription (the process keeps running).
 fn event_stream<T: Send + 'static>(
     pid: u32,
     source: Result<Subscription, Ended>,
@@ -84,53 +84,77 @@ fn event_stream<T: Send + 'static>(
 ) -> Response<EventStream<T>> {
     let trailers = ExtraTrailers::default();
     let end_trailers = trailers.clone();
-    let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_BUFFER);
-    tokio::spawn(async move {
-        let start = event(process_event::Event::Start(process_event::StartEvent {
-            pid,
-        }));
-        if tx.send(Ok(wrap(start))).await.is_err() {
-            return;
-        }
-        let mut subscription = match source {
-            Ok(subscription) => subscription,
-            Err(ended) => {
-                end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
-                let _ = tx.send(Ok(wrap(end_event(ended)))).await;
-                return;
-            }
-        };
-        let mut ticker =
-            tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-        loop {
-            let message = tokio::select! {
-                next = subscription.next() => match next {
-                    Event::Data(chunk) => {
-                        ticker.reset();
-                        Ok(wrap(data_event(chunk.stream, chunk.data)))
+    let stream = futures_util::stream::unfold(Next::Start(source), move |next| {
+        let end_trailers = end_trailers.clone();
+        async move {
+            let (message, next) = match next {
+                Next::Start(source) => {
+                    let start = event(process_event::Event::Start(process_event::StartEvent {
+                        pid,
+                    }));
+                    let next = match source {
+                        Ok(subscription) => {
+                            let first = tokio::time::Instant::now() + keepalive;
+                            let ticker = tokio::time::interval_at(first, keepalive);
+                            Next::Live(Box::new(subscription), ticker)
+                        }
+                        Err(ended) => Next::End(ended),
+                    };
+                    (Ok(start), next)
+                }
+                Next::End(ended) => {
+                    end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
+                    (Ok(end_event(ended)), Next::Done)
+                }
+                Next::Live(mut subscription, mut ticker) => {
+                    let output = tokio::select! {
+                        next = subscription.next() => Some(next),
+                        _ = ticker.tick() => None,
+                    };
+                    match output {
+                        Some(Event::Data(chunk)) => {
+                            ticker.reset();
+                            let data = data_event(chunk.stream, chunk.data);
+                            (Ok(data), Next::Live(subscription, ticker))
+                        }
+                        Some(Event::End(ended)) => {
+                            end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
+                            (Ok(end_event(ended)), Next::Done)
+                        }
+                        Some(Event::Evicted) => (
+                            Err(Status::resource_exhausted(
+                                "this client fell too far behind the process output and was dropped; reconnect to resume",
+                            )),
+                            Next::Done,
+                        ),
+                        None => {
+                            let keepalive =
+                                event(process_event::Event::Keepalive(process_event::KeepAlive {}));
+                            (Ok(keepalive), Next::Live(subscription, ticker))
+                        }
                     }
-                                        Event::End(ended) => {
-                        end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
-                        let _ = tx.send(Ok(wrap(end_event(ended)))).await;
-                        return;
-                    }
-                    Event::Evicted => Err(Status::resource_exhausted(
-                        "this client fell too far behind the process output and was dropped; reconnect to resume",
-                    )),
-                },
-                _ = ticker.tick() => Ok(wrap(event(process_event::Event::Keepalive(process_event::KeepAlive {})))),
-                () = tx.closed() => return,
+                }
+                Next::Done => return None,
             };
-            let last = message.is_err();
-            if tx.send(message).await.is_err() || last {
-                return;
-            }
+            Some((message.map(wrap), next))
         }
     });
-    let stream: EventStream<T> = Box::pin(ReceiverStream::new(rx));
+    let stream: EventStream<T> = Box::pin(stream);
     let mut response = Response::new(stream);
     response.extensions_mut().insert(trailers);
     response
+}
+
+/// What an event stream sends next.
+enum Next {
+    /// The `start` event; then the subscription's events, or at once the end it carries.
+    Start(Result<Subscription, Ended>),
+    /// Output and keepalives until the end.
+    Live(Box<Subscription>, tokio::time::Interval),
+    /// The end of a process that had ended before the stream began.
+    End(Ended),
+    /// Nothing more.
+    Done,
 }
 
 #[tonic::async_trait]

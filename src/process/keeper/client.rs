@@ -10,11 +10,11 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::process::keeper::{Hello, KEEPER_ARG, KeeperSpec, to_daemon, to_keeper};
-use crate::process::output::{Chunk, Stream};
+use crate::process::output::{Chunk, Hub, Stream};
 use crate::rpc::envelope::{Decoder, encode};
 use crate::sys;
 
@@ -24,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_FRAME: usize = 1024 * 1024;
 
 /// The daemon's end of one keeper connection: send input; output and the exit arrive
-/// through the channels given to [`Link::spawn_reader`].
+/// through [`Link::forward_output`].
 pub struct Link {
     /// What the keeper said on connecting.
     pub hello: Hello,
@@ -242,52 +242,45 @@ impl Link {
         }
     }
 
-    /// Forwards output into `source` until the keeper reports the exit, then sends it on
-    /// `exit`. A keeper that vanishes first reports a lost process.
-    pub fn spawn_reader(&self, source: mpsc::Sender<Chunk>, exit: oneshot::Sender<ExitStatus>) {
+    /// Hands the keeper's output to `hub` until the keeper reports the exit, and returns
+    /// it; a keeper that vanishes first reports a lost process (SIGKILL). Delivery waits
+    /// when every subscriber is behind, and so does the reading: back-pressure reaches the
+    /// keeper, and through its pipes the process. Runs once per link: the reader is taken.
+    pub async fn forward_output(&self, hub: &Hub) -> ExitStatus {
+        let lost = ExitStatus::from_raw(libc::SIGKILL);
         let Some((mut reader, mut decoder)) = self
             .reader
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
         else {
-            return;
+            return lost;
         };
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let frame = match read_frame(&mut reader, &mut decoder, &mut buf).await {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) | Err(_) => {
-                        tracing::warn!("a process keeper went away before reporting its exit");
-                        let _ = exit.send(ExitStatus::from_raw(libc::SIGKILL));
-                        return;
-                    }
-                };
-                let stream = match frame.0 {
-                    to_daemon::STDOUT => Stream::Stdout,
-                    to_daemon::STDERR => Stream::Stderr,
-                    to_daemon::PTY => Stream::Pty,
-                    to_daemon::EXIT if frame.1.len() == 4 => {
-                        let raw =
-                            i32::from_be_bytes([frame.1[0], frame.1[1], frame.1[2], frame.1[3]]);
-                        let _ = exit.send(ExitStatus::from_raw(raw));
-                        return;
-                    }
-                    _ => continue,
-                };
-                if source
-                    .send(Chunk {
-                        stream,
-                        data: frame.1,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let frame = match read_frame(&mut reader, &mut decoder, &mut buf).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(_) => {
+                    tracing::warn!("a process keeper went away before reporting its exit");
+                    return lost;
                 }
-            }
-        });
+            };
+            let stream = match frame.0 {
+                to_daemon::STDOUT => Stream::Stdout,
+                to_daemon::STDERR => Stream::Stderr,
+                to_daemon::PTY => Stream::Pty,
+                to_daemon::EXIT if frame.1.len() == 4 => {
+                    let raw = i32::from_be_bytes([frame.1[0], frame.1[1], frame.1[2], frame.1[3]]);
+                    return ExitStatus::from_raw(raw);
+                }
+                _ => continue,
+            };
+            hub.deliver(Chunk {
+                stream,
+                data: frame.1,
+            })
+            .await;
+        }
     }
 
     async fn send(&self, kind: u8, data: &[u8]) -> Result<()> {
