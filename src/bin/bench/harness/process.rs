@@ -81,7 +81,7 @@ pub async fn start(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
                 note.push('\n');
             }
             note.push_str(&format!(
-                "ceiling, a bare HTTP server {what}: p50 {:.3} ms, +{:.3} ms over the floor",
+                "ceiling, a bare HTTP server {what}: p50 {:.3} ms, {:+.3} ms over the floor",
                 ceiling.median,
                 ceiling.median - floor.median,
             ));
