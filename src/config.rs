@@ -1,11 +1,11 @@
 //! The command line, parsed once into a validated [`Config`] that is passed down.
 
-use clap::builder::TypedValueParser as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::TypedValueParser as _;
 
 /// The port envd listens on; the SDKs assume it.
 pub const DEFAULT_PORT: u16 = 49983;

@@ -83,61 +83,58 @@ fn event_stream<T: Send + 'static>(
     wrap: fn(pb::ProcessEvent) -> T,
 ) -> Response<EventStream<T>> {
     let trailers = ExtraTrailers::default();
-    let end_trailers = trailers.clone();
-    let stream = futures_util::stream::unfold(Next::Start(source), move |next| {
-        let end_trailers = end_trailers.clone();
-        async move {
-            let (message, next) = match next {
-                Next::Start(source) => {
-                    let start = event(process_event::Event::Start(process_event::StartEvent {
-                        pid,
-                    }));
-                    let next = match source {
-                        Ok(subscription) => {
-                            let first = tokio::time::Instant::now() + keepalive;
-                            let ticker = tokio::time::interval_at(first, keepalive);
-                            Next::Live(Box::new(subscription), ticker)
-                        }
-                        Err(ended) => Next::End(ended),
-                    };
-                    (Ok(start), next)
-                }
-                Next::End(ended) => {
-                    end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
-                    (Ok(end_event(ended)), Next::Done)
-                }
-                Next::Live(mut subscription, mut ticker) => {
-                    let output = tokio::select! {
-                        next = subscription.next() => Some(next),
-                        _ = ticker.tick() => None,
-                    };
-                    match output {
-                        Some(Event::Data(chunk)) => {
-                            ticker.reset();
-                            let data = data_event(chunk.stream, chunk.data);
-                            (Ok(data), Next::Live(subscription, ticker))
-                        }
-                        Some(Event::End(ended)) => {
-                            end_trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
-                            (Ok(end_event(ended)), Next::Done)
-                        }
-                        Some(Event::Evicted) => (
-                            Err(Status::resource_exhausted(
-                                "this client fell too far behind the process output and was dropped; reconnect to resume",
-                            )),
-                            Next::Done,
-                        ),
-                        None => {
-                            let keepalive =
-                                event(process_event::Event::Keepalive(process_event::KeepAlive {}));
-                            (Ok(keepalive), Next::Live(subscription, ticker))
-                        }
+    let state = (Next::Start(source), trailers.clone());
+    let stream = futures_util::stream::unfold(state, move |(next, trailers)| async move {
+        // The end goes out with its reason as a trailer, whether the process ended before
+        // the stream began or while it ran.
+        let end = |ended: Ended| {
+            trailers.insert(END_REASON_TRAILER, ended.reason.as_str());
+            (Ok(end_event(ended)), Next::Done)
+        };
+        let (message, next) = match next {
+            Next::Start(source) => {
+                let start = event(process_event::Event::Start(process_event::StartEvent {
+                    pid,
+                }));
+                let next = match source {
+                    Ok(subscription) => {
+                        let first = tokio::time::Instant::now() + keepalive;
+                        let ticker = tokio::time::interval_at(first, keepalive);
+                        Next::Live(Box::new(subscription), ticker)
+                    }
+                    Err(ended) => Next::End(ended),
+                };
+                (Ok(start), next)
+            }
+            Next::End(ended) => end(ended),
+            Next::Live(mut subscription, mut ticker) => {
+                let output = tokio::select! {
+                    next = subscription.next() => Some(next),
+                    _ = ticker.tick() => None,
+                };
+                match output {
+                    Some(Event::Data(chunk)) => {
+                        ticker.reset();
+                        let data = data_event(chunk.stream, chunk.data);
+                        (Ok(data), Next::Live(subscription, ticker))
+                    }
+                    Some(Event::End(ended)) => end(ended),
+                    Some(Event::Evicted) => (
+                        Err(Status::resource_exhausted(
+                            "this client fell too far behind the process output and was dropped; reconnect to resume",
+                        )),
+                        Next::Done,
+                    ),
+                    None => {
+                        let keepalive =
+                            event(process_event::Event::Keepalive(process_event::KeepAlive {}));
+                        (Ok(keepalive), Next::Live(subscription, ticker))
                     }
                 }
-                Next::Done => return None,
-            };
-            Some((message.map(wrap), next))
-        }
+            }
+            Next::Done => return None,
+        };
+        Some((message.map(wrap), (next, trailers)))
     });
     let stream: EventStream<T> = Box::pin(stream);
     let mut response = Response::new(stream);
