@@ -106,7 +106,9 @@ pub fn spawn(command: &Command<'_>) -> io::Result<u32> {
         parent: nix::unistd::getpid().as_raw(),
         error: AtomicI32::new(0),
     };
-    let mut stack = vec![0u8; CHILD_STACK];
+    // Not zeroed: the child writes what it uses, a page or two at the top, and zeroing
+    // all of it would fault in every page of it on the start's path.
+    let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
     // The stack grows down from its end, which the ABI wants 16-byte aligned.
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
     let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();

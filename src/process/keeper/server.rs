@@ -23,6 +23,9 @@ use crate::sys::{ChildSetup, vfork};
 const READ_CHUNK: usize = 32 * 1024;
 /// Largest read from a terminal at once (envd's PTY event size).
 const PTY_CHUNK: usize = 16 * 1024;
+/// The keeper's read buffer: the spec comes through it in pieces this large, and output
+/// in pieces of at most [`READ_CHUNK`] (or [`PTY_CHUNK`]).
+const READ_BUF: usize = 64 * 1024;
 /// Largest frame the daemon may send.
 const MAX_FRAME: usize = 1024 * 1024;
 
@@ -63,6 +66,9 @@ struct Keeper {
     pending_pty: Vec<u8>,
     /// Close stdin once `pending_stdin` is written.
     close_stdin_after: bool,
+    /// Where output is read into: one buffer for the keeper's life, its pages touched
+    /// before the spec came (see `run`), so a read costs no allocation and no page faults.
+    read_buf: Vec<u8>,
 }
 
 /// Input the keeper holds for a process that is not reading it; past this the keeper stops
@@ -84,9 +90,11 @@ fn run(socket: &Path) -> io::Result<()> {
     let first = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
     detach_stdio()?;
     let mut decoder = Decoder::new(MAX_SPEC);
+    // Zeroed here, while a spare waits, rather than on a start's path.
+    let mut read_buf = vec![0u8; READ_BUF];
     // End of file without a spec: the daemon that started this spare is gone.
-    let spec: KeeperSpec =
-        serde_json::from_slice(&read_spec(&first, &mut decoder)?).map_err(io::Error::other)?;
+    let spec: KeeperSpec = serde_json::from_slice(&read_spec(&first, &mut decoder, &mut read_buf)?)
+        .map_err(io::Error::other)?;
     let (pid, outputs, stdin, pty) = match launch(&spec) {
         Ok(started) => started,
         Err(message) => {
@@ -115,6 +123,7 @@ fn run(socket: &Path) -> io::Result<()> {
         pending_stdin: Vec::new(),
         pending_pty: Vec::new(),
         close_stdin_after: false,
+        read_buf,
     };
     decoder.set_max_len(MAX_FRAME);
     keeper.attach(first, decoder);
@@ -260,15 +269,13 @@ impl Keeper {
         } else {
             READ_CHUNK
         };
-        let mut buf = vec![0u8; size];
         let output = &mut self.outputs[index];
         let kind = output.kind;
-        match nix::unistd::read(&output.fd, &mut buf) {
+        match nix::unistd::read(&output.fd, &mut self.read_buf[..size]) {
             // EIO is a terminal's end of file.
             Ok(0) | Err(nix::errno::Errno::EIO) => output.open = false,
             Ok(n) => {
-                buf.truncate(n);
-                let data = Bytes::from(buf);
+                let data = Bytes::copy_from_slice(&self.read_buf[..n]);
                 if !self.send(kind, &data) {
                     self.buffered_bytes += data.len();
                     self.buffered.push_back((kind, data));
@@ -485,15 +492,14 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 /// Reads frames from the daemon's end of the pair until the spec.
-fn read_spec(mut stream: &UnixStream, decoder: &mut Decoder) -> io::Result<Bytes> {
-    let mut buf = vec![0u8; 64 * 1024];
+fn read_spec(mut stream: &UnixStream, decoder: &mut Decoder, buf: &mut [u8]) -> io::Result<Bytes> {
     loop {
         while let Some((kind, payload)) = decoder.next_frame().map_err(io::Error::other)? {
             if kind == to_keeper::SPEC {
                 return Ok(payload);
             }
         }
-        let n = stream.read(&mut buf)?;
+        let n = stream.read(buf)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
