@@ -74,14 +74,25 @@ impl From<StartError> for Error {
 }
 
 impl Spare {
-    /// Starts a keeper that will serve on `socket` once given a spec.
+    /// Starts a keeper of this daemon's own binary that will serve on `socket` once given
+    /// a spec.
     ///
     /// # Errors
     /// [`Error::Io`] when the binary cannot be run.
     pub fn spawn(socket: PathBuf) -> Result<Spare> {
+        Spare::spawn_of(Path::new("/proc/self/exe"), socket)
+    }
+
+    /// Starts a keeper of `binary` (a daemon binary, run as `<binary> __keeper <socket>`)
+    /// that will serve on `socket` once given a spec: [`Spare::spawn`] for another build,
+    /// as the benchmark's bare server through a keeper uses.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the binary cannot be run.
+    pub fn spawn_of(binary: &Path, socket: PathBuf) -> Result<Spare> {
         let failed = |err| Error::io("error starting a process keeper", err);
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
-        let child = tokio::process::Command::new("/proc/self/exe")
+        let child = tokio::process::Command::new(binary)
             .arg(KEEPER_ARG)
             .arg(&socket)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))

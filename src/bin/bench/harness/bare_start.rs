@@ -10,28 +10,30 @@
 //!   mechanism that lets processes outlive the daemon (README, "Surviving its own
 //!   restart"): a spare keeper started ahead of need gets the spec on its socket pair,
 //!   starts the command, says hello, and sends the exit when the command has ended. The
-//!   server only relays; it keeps no registry and saves no state. A daemon that keeps its
+//!   server drives the keeper with the daemon's own keeper client (`Spare`, `Link`; the
+//!   spare waits at a lower priority, as the daemon's do), and only relays: it keeps no
+//!   registry and saves no state. A daemon that keeps its
 //!   processes alive across its own restarts with keepers could come this close to the
 //!   floor, and no closer.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::{Bytes, BytesMut};
-use envd::process::keeper::{Hello, KEEPER_ARG, KeeperSpec, to_daemon, to_keeper};
+use envd::process::keeper::client::{Link, Spare};
+use envd::process::keeper::{KEEPER_ARG, KeeperSpec};
+use envd::process::output::Hub;
 use envd::rpc::envelope::{Decoder, encode};
 use futures_util::StreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use super::bare_server::BareServer;
 use super::process::UserEnv;
@@ -127,14 +129,14 @@ async fn start(
         }
         Some(spares) => {
             let spare = lock(&spares).take()?;
-            let (pid, run) = begin(spare, &cmd, &args, env).await?;
-            Ok(streamed(pid, async move {
-                let status = run.end().await;
+            let link = begin(spare, &cmd, &args, env).await?;
+            Ok(streamed(link.hello.pid, async move {
+                let status = end(link).await;
                 // As the daemon does (`ProcessTable::refill_after`): the next spare is
                 // spawned once the end has gone out (this task runs after the answer's
                 // last frame is written).
                 tokio::spawn(async move { lock(&spares).refill() });
-                status
+                Ok(status)
             }))
         }
     }
@@ -193,12 +195,6 @@ fn lock(spares: &std::sync::Mutex<Spares>) -> std::sync::MutexGuard<'_, Spares> 
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A keeper exec'd ahead of need, waiting for its spec on the socket pair that is its stdin.
-struct Spare {
-    child: tokio::process::Child,
-    stream: UnixStream,
-}
-
 /// The one spare the server keeps, and how to make the next.
 struct Spares {
     binary: PathBuf,
@@ -221,44 +217,16 @@ impl Spares {
         if self.ready.is_none() {
             self.next += 1;
             let socket = self.dir.join(format!("bare-keeper-{}.sock", self.next));
-            self.ready = Some(spawn_spare(&self.binary, &socket));
+            self.ready = Some(
+                Spare::spawn_of(&self.binary, socket)
+                    .with_context(|| format!("spawning {} {KEEPER_ARG}", self.binary.display())),
+            );
         }
     }
 }
 
-fn spawn_spare(binary: &Path, socket: &Path) -> anyhow::Result<Spare> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    let child = tokio::process::Command::new(binary)
-        .arg(KEEPER_ARG)
-        .arg(socket)
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("spawning {} {KEEPER_ARG}", binary.display()))?;
-    ours.set_nonblocking(true)?;
-    Ok(Spare {
-        child,
-        stream: UnixStream::from_std(ours)?,
-    })
-}
-
-/// A command a keeper is running: its link, until the keeper sends the exit.
-struct KeeperRun {
-    child: tokio::process::Child,
-    stream: UnixStream,
-    decoder: Decoder,
-}
-
-/// Has `spare` start the command; its pid once the keeper has said hello.
-async fn begin(
-    spare: Spare,
-    cmd: &str,
-    args: &[String],
-    env: &UserEnv,
-) -> anyhow::Result<(u32, KeeperRun)> {
-    let Spare { child, mut stream } = spare;
+/// Has `spare` start the command; the link to its keeper once the keeper has said hello.
+async fn begin(spare: Spare, cmd: &str, args: &[String], env: &UserEnv) -> anyhow::Result<Link> {
     let spec = KeeperSpec {
         program: cmd.to_owned(),
         args: args.to_vec(),
@@ -269,62 +237,17 @@ async fn begin(
         stdin: false,
         oom_score_adj: None,
     };
-    stream
-        .write_all(&encode(to_keeper::SPEC, &serde_json::to_vec(&spec)?))
-        .await?;
-    let mut run = KeeperRun {
-        child,
-        stream,
-        decoder: Decoder::new(1024 * 1024),
-    };
-    let (kind, payload) = run.frame().await?;
-    match kind {
-        to_daemon::HELLO => Ok((serde_json::from_slice::<Hello>(&payload)?.pid, run)),
-        to_daemon::START_FAILED => bail!(
-            "the keeper could not start {cmd}: {}",
-            String::from_utf8_lossy(&payload)
-        ),
-        other => bail!("the keeper said {other} before its hello"),
-    }
+    spare
+        .start(&spec)
+        .await
+        .map_err(|err| anyhow::Error::from(envd::error::Error::from(err)))
+        .with_context(|| format!("starting {cmd} through a keeper"))
 }
 
-impl KeeperRun {
-    /// The keeper's next frame.
-    async fn frame(&mut self) -> anyhow::Result<(u8, Bytes)> {
-        let mut buffer = [0u8; 16 * 1024];
-        loop {
-            if let Some(frame) = self
-                .decoder
-                .next_frame()
-                .map_err(|err| anyhow::anyhow!("bad keeper frame: {err:?}"))?
-            {
-                return Ok(frame);
-            }
-            let read = self.stream.read(&mut buffer).await?;
-            if read == 0 {
-                bail!("the keeper closed its link before the exit");
-            }
-            self.decoder.push(&buffer[..read]);
-        }
-    }
-
-    /// Waits for the exit (output is dropped), then lets the keeper go.
-    async fn end(mut self) -> anyhow::Result<ExitStatus> {
-        let status = loop {
-            let (kind, payload) = self.frame().await?;
-            if kind == to_daemon::EXIT {
-                let raw: [u8; 4] = payload[..].try_into().context("short exit frame")?;
-                break ExitStatus::from_raw(i32::from_be_bytes(raw));
-            }
-        };
-        self.stream
-            .write_all(&encode(to_keeper::RELEASE, &[]))
-            .await?;
-        // The keeper goes once released; reaped off the answer's path.
-        let mut child = self.child;
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        Ok(status)
-    }
+/// Waits for the exit (the output goes to a hub nobody listens to), then lets the keeper
+/// go, as the daemon's lifecycle does.
+async fn end(link: Link) -> ExitStatus {
+    let status = link.forward_output(&Hub::new()).await;
+    link.release().await;
+    status
 }
