@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use nix::sys::signal::Signal;
@@ -378,7 +378,7 @@ impl ProcessTable {
         let result = loop {
             let keeper = match spare.take() {
                 Some(keeper) => keeper,
-                None => match Spare::spawn(self.socket_path()) {
+                None => match Spare::spawn(Path::new(client::OWN_BINARY), self.socket_path()) {
                     Ok(keeper) => keeper,
                     Err(err) => break Err(err),
                 },
@@ -460,9 +460,11 @@ impl ProcessTable {
             // which would delay whatever this worker runs next (often the reply to the
             // start that asked for this refill).
             let socket = table.socket_path();
-            let spawned = tokio::task::spawn_blocking(move || Spare::spawn(socket))
-                .await
-                .unwrap_or_else(|err| Err(Error::Internal(format!("spawning a keeper: {err}"))));
+            let spawned = tokio::task::spawn_blocking(move || {
+                Spare::spawn(Path::new(client::OWN_BINARY), socket)
+            })
+            .await
+            .unwrap_or_else(|err| Err(Error::Internal(format!("spawning a keeper: {err}"))));
             match spawned {
                 Ok(spare) => {
                     let mut slot = table.spare_slot();

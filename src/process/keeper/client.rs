@@ -18,6 +18,8 @@ use crate::process::output::{Chunk, Hub, Stream};
 use crate::rpc::envelope::{Decoder, encode};
 use crate::sys;
 
+/// The daemon's own binary, whose keepers it starts.
+pub const OWN_BINARY: &str = "/proc/self/exe";
 /// How long connecting to a keeper's socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest frame a keeper may send.
@@ -74,22 +76,12 @@ impl From<StartError> for Error {
 }
 
 impl Spare {
-    /// Starts a keeper of this daemon's own binary that will serve on `socket` once given
-    /// a spec.
+    /// Starts a keeper of `binary` (a daemon binary, run as `<binary> __keeper <socket>`:
+    /// [`OWN_BINARY`] for the daemon's own) that will serve on `socket` once given a spec.
     ///
     /// # Errors
     /// [`Error::Io`] when the binary cannot be run.
-    pub fn spawn(socket: PathBuf) -> Result<Spare> {
-        Spare::spawn_of(Path::new("/proc/self/exe"), socket)
-    }
-
-    /// Starts a keeper of `binary` (a daemon binary, run as `<binary> __keeper <socket>`)
-    /// that will serve on `socket` once given a spec: [`Spare::spawn`] for another build,
-    /// as the benchmark's bare server through a keeper uses.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when the binary cannot be run.
-    pub fn spawn_of(binary: &Path, socket: PathBuf) -> Result<Spare> {
+    pub fn spawn(binary: &Path, socket: PathBuf) -> Result<Spare> {
         let failed = |err| Error::io("error starting a process keeper", err);
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
         let child = tokio::process::Command::new(binary)

@@ -218,7 +218,7 @@ impl Spares {
             self.next += 1;
             let socket = self.dir.join(format!("bare-keeper-{}.sock", self.next));
             self.ready = Some(
-                Spare::spawn_of(&self.binary, socket)
+                Spare::spawn(&self.binary, socket)
                     .with_context(|| format!("spawning {} {KEEPER_ARG}", self.binary.display())),
             );
         }
