@@ -528,3 +528,37 @@ async fn starts_back_to_back_and_at_once_leave_one_spare_keeper() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_table_too_large_to_write_inline_is_saved_and_adopted_after_kill_9() {
+    // A process table over 64 KiB is written on the blocking pool, a small one on the
+    // runtime's thread: this one goes the first way.
+    let state = State::new();
+    let first = state.start();
+    let padding = "x".repeat(100_000);
+    let mut request = bash("echo ready; exec sleep 1000", Some("large"));
+    if let Some(process) = request.process.as_mut() {
+        process.envs.insert("PADDING".into(), padding.clone());
+    }
+    let pid = start_and_see(&first, request, "ready").await;
+    let table = state.path().join("processes.json");
+    let saved = std::fs::read(&table).expect("the process table");
+    assert!(saved.len() > 100_000, "the table holds the environment");
+    first.signal_and_wait(Signal::SIGKILL);
+
+    let second = state.start();
+    let mut client = ProcessClient::new(grpc_channel(&second).await);
+    let listed = client
+        .list(pb::ListRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let adopted = listed
+        .processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("adopted after the restart");
+    assert_eq!(adopted.tag.as_deref(), Some("large"));
+    let envs = &adopted.config.as_ref().expect("config").envs;
+    assert_eq!(envs.get("PADDING"), Some(&padding));
+}

@@ -27,6 +27,18 @@ struct Envelope<T> {
 /// How long [`lock_waiting`] waits for a lock to come free.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// What [`StateDir::save`] writes for `data`: its JSON in the versioned envelope.
+///
+/// # Errors
+/// When `data` cannot be serialized.
+pub fn encode<T: Serialize>(data: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(&Envelope {
+        version: FORMAT_VERSION,
+        data,
+    })
+    .map_err(io::Error::other)
+}
+
 /// Takes an exclusive `flock` on `file`, waiting up to [`LOCK_WAIT`] for it. A daemon that
 /// was just killed can leave its lock held for a moment: a child it was starting holds a
 /// copy of its descriptors until that child's `exec` closes them.
@@ -110,11 +122,15 @@ impl StateDir {
     /// # Errors
     /// The OS error of any step (the old file is then intact, or the new one complete).
     pub fn save<T: Serialize>(&self, name: &str, data: &T) -> io::Result<()> {
-        let bytes = serde_json::to_vec(&Envelope {
-            version: FORMAT_VERSION,
-            data,
-        })
-        .map_err(io::Error::other)?;
+        self.write(name, &encode(data)?)
+    }
+
+    /// [`StateDir::save`] of contents already encoded by [`encode`], for a caller that
+    /// chooses where to write by their size.
+    ///
+    /// # Errors
+    /// As [`StateDir::save`].
+    pub fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let target = self.root.join(name);
         let temp = self.temp_path(name);
         let written = (|| {
@@ -124,7 +140,7 @@ impl StateDir {
                 .truncate(true)
                 .mode(0o600)
                 .open(&temp)?;
-            file.write_all(&bytes)
+            file.write_all(bytes)
         })();
         if let Err(err) = written {
             let _ = std::fs::remove_file(&temp);
