@@ -63,6 +63,26 @@ async fn start_and_see(daemon: &Daemon, request: pb::StartRequest, line: &str) -
     pid
 }
 
+/// The processes a daemon's `List` shows.
+async fn list(daemon: &Daemon) -> Vec<pb::ProcessInfo> {
+    let mut client = ProcessClient::new(grpc_channel(daemon).await);
+    client
+        .list(pb::ListRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .processes
+}
+
+/// The process `pid` as a daemon's `List` shows it (it must be there).
+async fn listed(daemon: &Daemon, pid: u32) -> pb::ProcessInfo {
+    list(daemon)
+        .await
+        .into_iter()
+        .find(|p| p.pid == pid)
+        .expect("listed")
+}
+
 /// Collects a Connect stream: (stdout, exit code of the end event).
 async fn follow(daemon: &Daemon, pid: u32) -> (String, i32) {
     let mut client = ProcessClient::new(grpc_channel(daemon).await);
@@ -100,17 +120,7 @@ async fn processes_survive_kill_9_and_stay_manageable() {
     assert!(alive(pid) && alive(other), "processes outlive the daemon");
 
     let second = state.start();
-    let mut client = ProcessClient::new(grpc_channel(&second).await);
-    let listed = client
-        .list(pb::ListRequest {})
-        .await
-        .expect("list")
-        .into_inner();
-    let survivor = listed
-        .processes
-        .iter()
-        .find(|p| p.pid == pid)
-        .expect("listed after the restart");
+    let survivor = listed(&second, pid).await;
     assert_eq!(survivor.tag.as_deref(), Some("survivor"));
     assert_eq!(
         survivor.config.as_ref().expect("config").args[1],
@@ -119,6 +129,7 @@ async fn processes_survive_kill_9_and_stay_manageable() {
 
     // Connect re-attaches (subscribed once its start event arrives); input reaches the
     // process; the output after the attach and the right exit code follow.
+    let mut client = ProcessClient::new(grpc_channel(&second).await);
     let mut attached = client
         .connect(pb::ConnectRequest {
             process: by_pid(pid),
@@ -211,14 +222,9 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
     entry["start_time"] = json!(entry["start_time"].as_u64().expect("start time") + 1);
     std::fs::write(&table_path, serde_json::to_vec(&table).expect("json")).expect("write");
     let second = state.start();
-    let mut client = ProcessClient::new(grpc_channel(&second).await);
-    let listed = client
-        .list(pb::ListRequest {})
-        .await
-        .expect("list")
-        .into_inner();
+    let listed = list(&second).await;
     assert!(
-        listed.processes.iter().all(|p| p.pid != pid),
+        listed.iter().all(|p| p.pid != pid),
         "a process whose start time differs is not adopted"
     );
     second.signal_and_wait(Signal::SIGKILL);
@@ -286,18 +292,13 @@ async fn a_process_saved_while_its_keeper_was_starting_it_is_adopted() {
     std::fs::write(&table_path, serde_json::to_vec(&table).expect("json")).expect("write");
 
     let second = state.start();
-    let mut client = ProcessClient::new(grpc_channel(&second).await);
-    let listed = client
-        .list(pb::ListRequest {})
-        .await
-        .expect("list")
-        .into_inner();
+    let listed = list(&second).await;
     let adopted = listed
-        .processes
         .iter()
         .find(|p| p.tag.as_deref() == Some("pending"))
         .expect("adopted from its keeper's socket");
     assert_eq!(adopted.pid, pid, "the pid comes from the keeper");
+    let mut client = ProcessClient::new(grpc_channel(&second).await);
     client
         .send_input(pb::SendInputRequest {
             process: by_pid(pid),
@@ -547,17 +548,7 @@ async fn a_table_too_large_to_write_inline_is_saved_and_adopted_after_kill_9() {
     first.signal_and_wait(Signal::SIGKILL);
 
     let second = state.start();
-    let mut client = ProcessClient::new(grpc_channel(&second).await);
-    let listed = client
-        .list(pb::ListRequest {})
-        .await
-        .expect("list")
-        .into_inner();
-    let adopted = listed
-        .processes
-        .iter()
-        .find(|p| p.pid == pid)
-        .expect("adopted after the restart");
+    let adopted = listed(&second, pid).await;
     assert_eq!(adopted.tag.as_deref(), Some("large"));
     let envs = &adopted.config.as_ref().expect("config").envs;
     assert_eq!(envs.get("PADDING"), Some(&padding));
