@@ -538,9 +538,12 @@ async fn a_table_too_large_to_write_inline_is_saved_and_adopted_after_kill_9() {
     let first = state.start();
     let padding = "x".repeat(100_000);
     let mut request = bash("echo ready; exec sleep 1000", Some("large"));
-    if let Some(process) = request.process.as_mut() {
-        process.envs.insert("PADDING".into(), padding.clone());
-    }
+    request
+        .process
+        .as_mut()
+        .expect("a process config")
+        .envs
+        .insert("PADDING".into(), padding.clone());
     let pid = start_and_see(&first, request, "ready").await;
     let table = state.path().join("processes.json");
     let saved = std::fs::read(&table).expect("the process table");

@@ -12,9 +12,8 @@
 //!   starts the command, says hello, and sends the exit when the command has ended. The
 //!   server drives the keeper with the daemon's own keeper client (`Spare`, `Link`; the
 //!   spare waits at a lower priority, as the daemon's do), and only relays: it keeps no
-//!   registry and saves no state. A daemon that keeps its
-//!   processes alive across its own restarts with keepers could come this close to the
-//!   floor, and no closer.
+//!   registry and saves no state. A daemon that keeps its processes alive across its own
+//!   restarts with keepers could come this close to the floor, and no closer.
 
 use std::convert::Infallible;
 use std::future::Future;
