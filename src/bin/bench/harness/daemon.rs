@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// Its state directory and upload journal, removed when it is dropped.
+    files: PathBuf,
 }
 
 impl Daemon {
@@ -47,30 +49,21 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("daemon stdout")?;
-        let mut stdout = BufReader::new(stdout);
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .context("reading the ready line")?;
-        let ready: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(ready) => ready,
+        match ready_addr(&mut child) {
+            Ok((addr, stdout)) => Ok(Daemon {
+                child,
+                _stdout: stdout,
+                addr,
+                base: format!("http://{addr}"),
+                files: state,
+            }),
             Err(err) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("ready line {line:?} is not JSON: {err}");
+                let _ = std::fs::remove_dir_all(&state);
+                Err(err)
             }
-        };
-        let addr: SocketAddr = ready["addr"]
-            .as_str()
-            .context("ready line without addr")?
-            .parse()?;
-        Ok(Daemon {
-            child,
-            _stdout: stdout,
-            addr,
-            base: format!("http://{addr}"),
-        })
+        }
     }
 
     /// The daemon's pid.
@@ -102,10 +95,28 @@ impl Daemon {
     }
 }
 
+/// Reads a started daemon's ready line: the address it bound, and its stdout to keep open.
+fn ready_addr(child: &mut Child) -> anyhow::Result<(SocketAddr, BufReader<ChildStdout>)> {
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .context("reading the ready line")?;
+    let ready: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("ready line {line:?} is not JSON"))?;
+    let addr = ready["addr"]
+        .as_str()
+        .context("ready line without addr")?
+        .parse()?;
+    Ok((addr, stdout))
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.files);
     }
 }
 
