@@ -51,8 +51,17 @@ pub fn filename(header: &str) -> Option<String> {
     plain
 }
 
-/// The `name=value` parameters after the disposition type, quoted strings unescaped.
-fn params(header: &str) -> Vec<(String, String)> {
+/// The form name (`name`) of a part's `Content-Disposition`.
+pub fn name(header: &str) -> Option<String> {
+    params(header)
+        .into_iter()
+        .find(|(param, _)| param.eq_ignore_ascii_case("name"))
+        .map(|(_, value)| value)
+}
+
+/// The `name=value` parameters after the disposition (or media) type, quoted strings
+/// unescaped.
+pub(crate) fn params(header: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = match header.find(';') {
         Some(i) => &header[i + 1..],

@@ -4,6 +4,7 @@ pub mod disposition;
 pub mod download;
 pub mod encoding;
 pub mod metadata;
+pub mod multipart;
 pub mod upload;
 
 use std::time::{SystemTime, UNIX_EPOCH};

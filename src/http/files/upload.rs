@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use async_compression::tokio::bufread::GzipDecoder;
@@ -28,6 +27,7 @@ use crate::fs::metadata::{self, Metadata};
 use crate::fs::user::User;
 use crate::fs::write::Upload;
 use crate::http::files::encoding::{self, Coding};
+use crate::http::files::multipart::{self, ByteStream};
 use crate::http::files::{FilesQuery, disposition};
 use crate::identity::Requester;
 use crate::rpc::blocking;
@@ -38,7 +38,8 @@ use crate::state::AppState;
 /// thread wake-ups); a body that pauses has what came so far written during the pause.
 const MAX_WRITE_BATCH: usize = 1024 * 1024;
 
-type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
+/// A file's bytes as they come: a whole request body, or one part of a form.
+type FileBytes<'a> = dyn Stream<Item = Result<Bytes, Error>> + Send + Unpin + 'a;
 
 /// One uploaded file, as the response lists it.
 #[derive(Debug, serde::Serialize)]
@@ -100,7 +101,7 @@ async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, 
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let body = decoded_body(body, coding);
+    let mut body = decoded_body(body, coding);
     let job = Job {
         requester,
         metadata,
@@ -118,7 +119,7 @@ async fn serve(state: AppState, request: Request) -> Result<Vec<UploadedEntry>, 
             .resolve(&raw_path)
             .map_err(|err| reject(format!("error resolving path: {err}")))?;
         let entry = job
-            .write(path, body)
+            .write(path, &mut body)
             .await
             .map_err(IntoResponse::into_response)?;
         return Ok(vec![entry]);
@@ -148,26 +149,26 @@ impl Job {
         query_path: Option<&str>,
         body: ByteStream,
     ) -> Result<Vec<UploadedEntry>, Response> {
-        let boundary = multer::parse_boundary(content_type)
+        let boundary = multipart::boundary(content_type)
             .map_err(|err| reject(format!("error parsing multipart form: {err}")))?;
-        let mut form = multer::Multipart::new(body, boundary);
+        let mut form = multipart::Form::new(body, &boundary);
         let mut entries: Vec<UploadedEntry> = Vec::new();
         let mut written: HashSet<PathBuf> = HashSet::new();
         loop {
-            let field = match form.next_field().await {
-                Ok(Some(field)) => field,
+            let headers = match form.next_part().await {
+                Ok(Some(headers)) => headers,
                 Ok(None) => break,
-                Err(err) => return Err(form_error(err).into_response()),
+                Err(err) => return Err(err.into_response()),
             };
-            if field.name() != Some("file") {
+            let content_disposition = headers
+                .get(header::CONTENT_DISPOSITION)
+                .and_then(|v| v.to_str().ok());
+            if content_disposition.and_then(disposition::name).as_deref() != Some("file") {
                 continue;
             }
             let raw_path = match query_path {
                 Some(path) => path.to_owned(),
-                None => field
-                    .headers()
-                    .get(header::CONTENT_DISPOSITION)
-                    .and_then(|v| v.to_str().ok())
+                None => content_disposition
                     .and_then(disposition::filename)
                     .ok_or_else(|| {
                         reject(
@@ -198,9 +199,8 @@ impl Job {
                 }
                 return Err(reject(message));
             }
-            let stream: ByteStream = Box::pin(field.map_err(form_error));
             entries.push(
-                self.write(path, stream)
+                self.write(path, &mut form.data())
                     .await
                     .map_err(IntoResponse::into_response)?,
             );
@@ -209,7 +209,7 @@ impl Job {
     }
 
     /// Streams one file to disk and publishes it with the request's metadata.
-    async fn write(&self, path: PathBuf, mut body: ByteStream) -> Result<UploadedEntry, Error> {
+    async fn write(&self, path: PathBuf, body: &mut FileBytes<'_>) -> Result<UploadedEntry, Error> {
         let mut writer = DiskWriter::new(Target {
             path: path.clone(),
             owner: self.requester.user.clone(),
@@ -231,7 +231,7 @@ impl Job {
                         next = body.next() => next,
                         () = writer.settled() => {
                             if let Err(err) = writer.write(batch.take()).await {
-                                return Err(drained(&mut body, err).await);
+                                return Err(drained(body, err).await);
                             }
                             body.next().await
                         }
@@ -243,7 +243,7 @@ impl Job {
                     batch.push(data);
                     if batch.len >= MAX_WRITE_BATCH {
                         if let Err(err) = writer.write(batch.take()).await {
-                            return Err(drained(&mut body, err).await);
+                            return Err(drained(body, err).await);
                         }
                     }
                 }
@@ -268,7 +268,7 @@ impl Job {
 /// Reads (and drops) a bounded rest of a body whose upload failed, and gives back `err`:
 /// answering while the client is still sending makes the connection close under it, and
 /// it would see a broken pipe, not the error. Past the bound the connection is closed.
-async fn drained(body: &mut ByteStream, err: Error) -> Error {
+async fn drained(body: &mut FileBytes<'_>, err: Error) -> Error {
     let mut drained = 0usize;
     while drained < DRAIN_ON_ERROR_BYTES {
         match body.next().await {
@@ -463,17 +463,6 @@ fn decoded_body(body: Body, coding: Coding) -> ByteStream {
             )
         }
     }
-}
-
-/// A multipart error: the body's own error when reading it failed (a stall stays a 408),
-/// else the form is malformed (400).
-fn form_error(err: multer::Error) -> Error {
-    if let multer::Error::StreamReadFailed(source) = &err {
-        if let Some(Error::TimedOut(message)) = source.downcast_ref::<Error>() {
-            return Error::TimedOut(message.clone());
-        }
-    }
-    Error::InvalidArgument(format!("error reading form: {err}"))
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
