@@ -1,7 +1,8 @@
 //! The `envd` binary: parse the command line, set up logging, open the state directory,
 //! restore what a previous run left (the `/init` state, the processes its keepers still
 //! hold), bind, print the bound address on stdout, tell systemd it is ready, serve until
-//! SIGTERM or SIGINT. Started as `envd __keeper <socket>`, it is a process keeper instead.
+//! SIGTERM or SIGINT. Started as `envd __keeper <socket>`, it is a process keeper instead,
+//! and as `envd __spares <dir> <room>`, the nursery that forks spare keepers.
 //!
 //! The entry point is C's `main`, not std's `fn main`: std's start-up asks glibc for the
 //! main thread's stack bounds (`pthread_getattr_np`, which parses `/proc/self/maps` with
@@ -12,6 +13,7 @@
 
 #![no_main]
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::Path;
 
@@ -19,6 +21,7 @@ use clap::Parser;
 use envd::config::{Cli, Config};
 use envd::persist::StateDir;
 use envd::persist::init_state::{self, InitState};
+use envd::process::keeper::nursery::NURSERY_ARG;
 use envd::process::keeper::{self, KEEPER_ARG};
 use envd::state::AppState;
 use tokio::signal::unix::{SignalKind, signal};
@@ -49,6 +52,9 @@ fn run() -> u8 {
             Some(socket) => keeper::server::main(Path::new(socket)),
             None => 2,
         };
+    }
+    if args.get(1).is_some_and(|arg| arg == NURSERY_ARG) {
+        return keeper::nursery::main(args.first().map_or(OsStr::new("envd"), |a| a.as_os_str()));
     }
     envd::sys::tune_malloc(
         std::thread::available_parallelism().map_or(2, |n| i32::try_from(n.get()).unwrap_or(2)),

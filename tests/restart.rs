@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -252,6 +253,12 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
 
 /// The keepers of processes started under `state` (spare ones included): their pids.
 fn keepers(state: &Path) -> Vec<u32> {
+    daemon_helpers(state, "__keeper")
+}
+
+/// The processes with `arg` and `state` in their command line: a daemon's keepers
+/// (`__keeper`) or its nursery (`__spares`).
+fn daemon_helpers(state: &Path, arg: &str) -> Vec<u32> {
     let needle = state.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .expect("proc")
@@ -260,8 +267,26 @@ fn keepers(state: &Path) -> Vec<u32> {
             let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&cmdline);
-            (cmdline.contains("__keeper") && cmdline.contains(&needle)).then_some(pid)
+            (cmdline.contains(arg) && cmdline.contains(&needle)).then_some(pid)
         })
+        .collect()
+}
+
+/// A process's state letter and parent (`/proc/<pid>/stat` fields 3 and 4).
+fn state_and_parent(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// The zombies whose parent is `pid`.
+fn zombies_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| state_and_parent(*child) == Some(('Z', pid)))
         .collect()
 }
 
@@ -321,15 +346,7 @@ async fn a_dead_daemons_spare_keeper_exits_and_a_new_daemon_starts_its_own() {
         keepers
             .iter()
             .copied()
-            .find(|k| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .ok()
-                    .and_then(|stat| {
-                        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
-                        ppid.parse::<u32>().ok()
-                    })
-                    == Some(*k)
-            })
+            .find(|k| state_and_parent(pid).map(|(_, parent)| parent) == Some(*k))
             .expect("the process's keeper")
     };
     wait_until(
@@ -555,4 +572,84 @@ async fn a_table_too_large_to_write_inline_is_saved_and_adopted_after_kill_9() {
     assert_eq!(adopted.tag.as_deref(), Some("large"));
     let envs = &adopted.config.as_ref().expect("config").envs;
     assert_eq!(envs.get("PADDING"), Some(&padding));
+}
+
+#[tokio::test]
+async fn spare_keepers_are_forked_by_a_nursery_that_goes_with_the_daemon() {
+    let state = State::new();
+    let daemon = state.start();
+    wait_until("the nursery and its spare", Duration::from_secs(10), || {
+        daemon_helpers(state.path(), "__spares").len() == 1 && keepers(state.path()).len() == 1
+    })
+    .await;
+    let nursery = daemon_helpers(state.path(), "__spares")[0];
+    assert_eq!(
+        state_and_parent(nursery).map(|(_, p)| p),
+        Some(daemon.pid())
+    );
+    let spare = keepers(state.path())[0];
+    assert_eq!(
+        state_and_parent(spare).map(|(_, p)| p),
+        Some(nursery),
+        "the spare is the nursery's child"
+    );
+    // Its command line is a keeper's, naming its own socket.
+    let cmdline = std::fs::read(format!("/proc/{spare}/cmdline")).expect("cmdline");
+    let args: Vec<&[u8]> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert_eq!(args[1], b"__keeper");
+    assert!(
+        std::path::Path::new(std::ffi::OsStr::from_bytes(args[2])).starts_with(state.path()),
+        "{args:?}"
+    );
+    for n in 0..10 {
+        let line = format!("run {n}");
+        start_and_see(&daemon, bash(&format!("echo '{line}'"), None), &line).await;
+    }
+    // The keepers of ended processes are gone, reaped: one spare waits, no zombies.
+    wait_until("one spare and no zombies", Duration::from_secs(10), || {
+        keepers(state.path()).len() == 1 && zombies_of(nursery).is_empty()
+    })
+    .await;
+    assert_eq!(
+        daemon_helpers(state.path(), "__spares"),
+        [nursery],
+        "one nursery"
+    );
+    daemon.signal_and_wait(Signal::SIGKILL);
+    wait_until(
+        "the nursery and the spare to go with the daemon",
+        Duration::from_secs(10),
+        || daemon_helpers(state.path(), "__spares").is_empty() && keepers(state.path()).is_empty(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_nursery_that_dies_is_replaced_and_starts_go_on() {
+    let state = State::new();
+    let daemon = state.start();
+    wait_until("the nursery and its spare", Duration::from_secs(10), || {
+        daemon_helpers(state.path(), "__spares").len() == 1 && keepers(state.path()).len() == 1
+    })
+    .await;
+    let first = daemon_helpers(state.path(), "__spares")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL)
+        .expect("kill the nursery");
+    for n in 0..4 {
+        let line = format!("after {n}");
+        start_and_see(&daemon, bash(&format!("echo '{line}'"), None), &line).await;
+    }
+    wait_until(
+        "a new nursery",
+        Duration::from_secs(10),
+        || matches!(daemon_helpers(state.path(), "__spares")[..], [other] if other != first),
+    )
+    .await;
+    wait_until("one spare", Duration::from_secs(10), || {
+        keepers(state.path()).len() == 1
+    })
+    .await;
 }

@@ -22,6 +22,7 @@ use crate::process::deadline::{Deadline, Deadlines, Expire};
 use crate::process::exit::Exit;
 use crate::process::keeper::KeeperSpec;
 use crate::process::keeper::client::{self, Link, Spare, StartError};
+use crate::process::keeper::nursery::Nursery;
 use crate::process::output::{Ended, Hub, Subscription};
 use crate::process::spawn::{self, Spec};
 
@@ -181,6 +182,8 @@ pub struct ProcessTable {
     refilling: AtomicBool,
     /// Signalled when a refill ends (with a spare or without).
     refilled: tokio::sync::Notify,
+    /// The process that forks spare keepers, once started (see [`Nursery`]).
+    nursery: Mutex<Option<Arc<Nursery>>>,
 }
 
 /// What `Connect` finds.
@@ -214,6 +217,7 @@ impl ProcessTable {
             spare: Mutex::new(None),
             refilling: AtomicBool::new(false),
             refilled: tokio::sync::Notify::new(),
+            nursery: Mutex::new(None),
         });
         table.refill_spare();
         if table.state_dir.is_some() {
@@ -378,7 +382,7 @@ impl ProcessTable {
         let result = loop {
             let keeper = match spare.take() {
                 Some(keeper) => keeper,
-                None => match Spare::spawn(Path::new(client::OWN_BINARY), self.socket_path()) {
+                None => match self.new_spare().await {
                     Ok(keeper) => keeper,
                     Err(err) => break Err(err),
                 },
@@ -456,16 +460,7 @@ impl ProcessTable {
             if table.spare_slot().is_some() {
                 return;
             }
-            // On the blocking pool: the spawn holds its thread until the keeper's exec,
-            // which would delay whatever this worker runs next (often the reply to the
-            // start that asked for this refill).
-            let socket = table.socket_path();
-            let spawned = tokio::task::spawn_blocking(move || {
-                Spare::spawn(Path::new(client::OWN_BINARY), socket)
-            })
-            .await
-            .unwrap_or_else(|err| Err(Error::Internal(format!("spawning a keeper: {err}"))));
-            match spawned {
+            match table.new_spare().await {
                 Ok(spare) => {
                     let mut slot = table.spare_slot();
                     match slot.as_ref() {
@@ -477,6 +472,51 @@ impl ProcessTable {
                 Err(err) => tracing::warn!(%err, "could not start a spare process keeper"),
             }
         });
+    }
+
+    /// A new spare keeper: forked by the nursery (started first if there is none, or the
+    /// last one is gone), or exec'd when the nursery cannot make one.
+    ///
+    /// On the blocking pool: a nursery's answer, and a spawn, hold their thread until the
+    /// keeper exists, which would delay whatever this worker runs next (often the reply to
+    /// the start that asked for a spare).
+    async fn new_spare(self: &Arc<Self>) -> Result<Spare> {
+        let table = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let socket = table.socket_path();
+            let binary = Path::new(client::OWN_BINARY);
+            let nursery = {
+                let mut slot = table
+                    .nursery
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if slot.is_none() {
+                    match Nursery::start(binary, &table.keeper_dir) {
+                        Ok(nursery) => *slot = Some(Arc::new(nursery)),
+                        Err(err) => tracing::warn!(%err, "could not start the keeper nursery"),
+                    }
+                }
+                slot.clone()
+            };
+            if let Some(nursery) = nursery {
+                match nursery.spare(socket.clone()) {
+                    Ok(spare) => return Ok(spare),
+                    Err(err) => {
+                        tracing::warn!(%err, "the keeper nursery failed; starting another next time");
+                        let mut slot = table
+                            .nursery
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if slot.as_ref().is_some_and(|n| Arc::ptr_eq(n, &nursery)) {
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+            Spare::spawn(binary, socket)
+        })
+        .await
+        .unwrap_or_else(|err| Err(Error::Internal(format!("starting a keeper: {err}"))))
     }
 
     /// Manages the process behind `link`; with `subscribe`, returns a subscription taken

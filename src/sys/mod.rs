@@ -1,13 +1,15 @@
 //! The only module allowed `unsafe`: what a child needs between `fork` and `exec`, the
 //! keepers' `posix_spawn`-like start ([`vfork`]), the terminal ioctls, priorities, the
 //! entry point's share of std's start-up, letting go of the relocation table after it
-//! ([`relocations`]), and the C `pow` the binary defines for itself. Every block says why it is sound.
+//! ([`relocations`]), forking spare keepers ([`fork`]), and the C `pow` the binary defines
+//! for itself. Every block says why it is sound.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+pub mod fork;
 pub mod relocations;
 pub mod vfork;
 

@@ -47,7 +47,10 @@ pub struct Link {
 /// life is about the length of a keeper's start-up, and on a small machine they share a
 /// core). It gets the daemon's priority back just before its spec is sent.
 pub struct Spare {
-    child: tokio::process::Child,
+    pid: u32,
+    /// An exec'd keeper, the daemon's child, to be reaped; `None` for one the nursery
+    /// forked (the kernel reaps those, see [`super::nursery`]).
+    child: Option<tokio::process::Child>,
     stream: UnixStream,
     socket: PathBuf,
     /// The nice value to give the keeper back before it starts a process; `None` when it
@@ -57,6 +60,18 @@ pub struct Spare {
 
 /// How much nicer than the daemon a spare keeper runs.
 const SPARE_NICE: i32 = 10;
+
+/// Lowers the priority of `pid` (a spare keeper, or the nursery) by [`SPARE_NICE`] from
+/// the daemon's; the daemon's, to give back, when it could (without root it could not be
+/// raised again, so it is left alone).
+pub(crate) fn lower_nice(pid: u32) -> Option<i32> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let nice = sys::nice_of(std::process::id()).ok()?;
+    sys::set_nice(pid, (nice + SPARE_NICE).min(19)).ok()?;
+    Some(nice)
+}
 
 /// Why [`Spare::start`] failed.
 pub enum StartError {
@@ -95,18 +110,40 @@ impl Spare {
             .kill_on_drop(false)
             .spawn()
             .map_err(failed)?;
-        ours.set_nonblocking(true).map_err(failed)?;
-        let restore_nice = child.id().and_then(|pid| {
-            if !nix::unistd::geteuid().is_root() {
-                return None;
-            }
-            let nice = sys::nice_of(std::process::id()).ok()?;
-            sys::set_nice(pid, (nice + SPARE_NICE).min(19)).ok()?;
-            Some(nice)
-        });
+        let pid = child
+            .id()
+            .ok_or_else(|| failed(std::io::ErrorKind::NotFound.into()))?;
+        let restore_nice = lower_nice(pid);
+        Spare::with(pid, Some(child), ours, socket, restore_nice)
+    }
+
+    /// A spare the nursery forked (see [`super::nursery`]): `pid`, waiting for its spec on
+    /// the other end of `stream`; its priority was lowered from `restore_nice`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the stream cannot be registered with the runtime.
+    pub fn forked(
+        pid: u32,
+        stream: std::os::unix::net::UnixStream,
+        socket: PathBuf,
+        restore_nice: Option<i32>,
+    ) -> Result<Spare> {
+        Spare::with(pid, None, stream, socket, restore_nice)
+    }
+
+    fn with(
+        pid: u32,
+        child: Option<tokio::process::Child>,
+        stream: std::os::unix::net::UnixStream,
+        socket: PathBuf,
+        restore_nice: Option<i32>,
+    ) -> Result<Spare> {
+        let failed = |err| Error::io("error starting a process keeper", err);
+        stream.set_nonblocking(true).map_err(failed)?;
         Ok(Spare {
-            stream: UnixStream::from_std(ours).map_err(failed)?,
+            pid,
             child,
+            stream: UnixStream::from_std(stream).map_err(failed)?,
             socket,
             restore_nice,
         })
@@ -115,10 +152,11 @@ impl Spare {
     /// Lets an unused spare go: it reads end of file on its stdin and exits, and is reaped
     /// (not left a zombie of the daemon's).
     pub fn discard(self) {
-        let Spare { mut child, .. } = self;
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
+        if let Some(mut child) = self.child {
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
     }
 
     /// Where the keeper serves daemons that connect later.
@@ -134,19 +172,23 @@ impl Spare {
     /// started (the keeper says why).
     pub async fn start(self, spec: &KeeperSpec) -> std::result::Result<Link, StartError> {
         let Spare {
-            mut child,
+            pid,
+            child,
             stream,
             socket: _,
             restore_nice,
         } = self;
         // The process inherits the keeper's priority. A keeper already gone fails below.
-        if let (Some(nice), Some(pid)) = (restore_nice, child.id()) {
+        if let Some(nice) = restore_nice {
             let _ = sys::set_nice(pid, nice);
         }
-        // The keeper is the daemon's child until the daemon goes: reap it when it exits.
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
+        // An exec'd keeper is the daemon's child until the daemon goes: reap it when it
+        // exits.
+        if let Some(mut child) = child {
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
         let json = serde_json::to_vec(spec).map_err(|err| {
             StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
         })?;

@@ -13,6 +13,7 @@
 //! Signals do not go through the keeper: the daemon sends them to the process group.
 
 pub mod client;
+pub mod nursery;
 pub mod server;
 
 use std::collections::BTreeMap;

@@ -33,7 +33,16 @@ const MAX_FRAME: usize = 1024 * 1024;
 /// end the daemon holds. SIGPIPE is already ignored (`sys::start_like_std`, at the entry
 /// point). Returns the exit code: 0, or 1 when the daemon could not be served.
 pub fn main(socket: &Path) -> u8 {
-    match run(socket) {
+    match io::stdin().as_fd().try_clone_to_owned() {
+        Ok(first) => serve(socket, UnixStream::from(first)),
+        Err(_) => 1,
+    }
+}
+
+/// Runs a keeper whose first daemon is at the other end of `first` (a spare's: it sends
+/// the spec there). Returns the exit code, as [`main`].
+pub fn serve(socket: &Path, first: UnixStream) -> u8 {
+    match run(socket, first) {
         Ok(()) => 0,
         Err(_) => {
             let _ = std::fs::remove_file(socket);
@@ -78,16 +87,14 @@ const PENDING_INPUT: usize = 1024 * 1024;
 /// Largest spec: the command line and environment, bounded by the kernel's own limit.
 const MAX_SPEC: usize = 8 * 1024 * 1024;
 
-fn run(socket: &Path) -> io::Result<()> {
+fn run(socket: &Path, first: UnixStream) -> io::Result<()> {
     // Ready before the spec comes: a spare keeper waits here, and a start through it then
     // begins with the spec.
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
-    // The daemon's end of the pair is our stdin: keep it as the first connection, and free
-    // fd 0 (and 1) from the daemon.
-    let first = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
+    // Fds 0 and 1 (a copy of `first`, or the nursery's) are freed from the daemon.
     detach_stdio()?;
     let mut decoder = Decoder::new(MAX_SPEC);
     // Zeroed here, while a spare waits, rather than on a start's path.
@@ -509,7 +516,7 @@ fn read_spec(mut stream: &UnixStream, decoder: &mut Decoder, buf: &mut [u8]) -> 
 
 /// Points the keeper's own stdin and stdout at `/dev/null`: the daemon that started it may
 /// be gone at any moment, and the keeper must not depend on it.
-fn detach_stdio() -> io::Result<()> {
+pub(crate) fn detach_stdio() -> io::Result<()> {
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -10,9 +10,9 @@
 //!   mechanism that lets processes outlive the daemon (README, "Surviving its own
 //!   restart"): a spare keeper started ahead of need gets the spec on its socket pair,
 //!   starts the command, says hello, and sends the exit when the command has ended. The
-//!   server drives the keeper with the daemon's own keeper client (`Spare`, `Link`; the
-//!   spare waits at a lower priority, as the daemon's do), and only relays: it keeps no
-//!   registry and saves no state. A daemon that keeps its processes alive across its own
+//!   server drives the keeper with the daemon's own keeper client (`Nursery`, `Spare`,
+//!   `Link`: spares forked by the daemon binary's nursery, waiting at a lower priority, as
+//!   the daemon's do), and only relays: it keeps no registry and saves no state. A daemon that keeps its processes alive across its own
 //!   restarts with keepers could come this close to the floor, and no closer.
 
 use std::convert::Infallible;
@@ -25,6 +25,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use envd::process::keeper::client::{Link, Spare};
+use envd::process::keeper::nursery::Nursery;
 use envd::process::keeper::{KEEPER_ARG, KeeperSpec};
 use envd::process::output::Hub;
 use envd::rpc::envelope::{Decoder, encode};
@@ -64,6 +65,7 @@ pub fn serve(via: Via, env: UserEnv) -> anyhow::Result<BareServer> {
                 dir: dir.clone(),
                 next: 0,
                 ready: None,
+                nursery: None,
             };
             Some(Arc::new(std::sync::Mutex::new(spares)))
         }
@@ -200,6 +202,8 @@ struct Spares {
     dir: PathBuf,
     next: usize,
     ready: Option<anyhow::Result<Spare>>,
+    /// Started with the first spare; an exec'd spare when it cannot make one.
+    nursery: Option<Nursery>,
 }
 
 impl Spares {
@@ -211,14 +215,21 @@ impl Spares {
         self.ready.take().context("no spare keeper")?
     }
 
-    /// Spawns the next spare, unless one is waiting.
+    /// Has the nursery fork the next spare (as the daemon does), unless one is waiting.
     fn refill(&mut self) {
         if self.ready.is_none() {
             self.next += 1;
             let socket = self.dir.join(format!("bare-keeper-{}.sock", self.next));
+            if self.nursery.is_none() {
+                self.nursery = Nursery::start(&self.binary, &self.dir).ok();
+            }
+            let forked = self.nursery.as_ref().map(|n| n.spare(socket.clone()));
             self.ready = Some(
-                Spare::spawn(&self.binary, socket)
-                    .with_context(|| format!("spawning {} {KEEPER_ARG}", self.binary.display())),
+                match forked {
+                    Some(Ok(spare)) => Ok(spare),
+                    _ => Spare::spawn(&self.binary, socket),
+                }
+                .with_context(|| format!("spawning {} {KEEPER_ARG}", self.binary.display())),
             );
         }
     }
