@@ -483,7 +483,6 @@ impl ProcessTable {
     async fn new_spare(self: &Arc<Self>) -> Result<Spare> {
         let table = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let socket = table.socket_path();
             let binary = Path::new(client::OWN_BINARY);
             let nursery = {
                 let mut slot = table
@@ -499,7 +498,7 @@ impl ProcessTable {
                 slot.clone()
             };
             if let Some(nursery) = nursery {
-                match nursery.spare(socket.clone()) {
+                match nursery.spare(table.socket_path()) {
                     Ok(spare) => return Ok(spare),
                     Err(err) => {
                         tracing::warn!(%err, "the keeper nursery failed; starting another next time");
@@ -513,7 +512,9 @@ impl ProcessTable {
                     }
                 }
             }
-            Spare::spawn(binary, socket)
+            // A socket of its own: a nursery that failed after its fork may have left a
+            // keeper on the last one, which removes it when it finds no daemon.
+            Spare::spawn(binary, table.socket_path())
         })
         .await
         .unwrap_or_else(|err| Err(Error::Internal(format!("starting a keeper: {err}"))))
