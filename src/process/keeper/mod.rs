@@ -1,12 +1,14 @@
 //! Keepers: one small process per managed process, in the manner of container runtimes'
 //! shims, so that processes outlive the daemon (a crash, an OOM kill, an upgrade).
 //!
-//! The daemon re-executes its own binary as `envd __keeper <socket>`, ahead of need (a
-//! spare), with one end of a socket pair as its stdin; a start sends the [`KeeperSpec`]
-//! there, and that pair is the first daemon's link. The keeper starts the process as its
-//! child, holds its stdio (pipes or a terminal), reaps it, and serves one daemon at a time
-//! (later ones on a unix socket in the state directory): output and the exit status flow to the daemon, input, resizes
-//! and "release" flow back. While no daemon is connected the keeper buffers output up to
+//! A keeper is started ahead of need (a spare), as `envd __keeper <socket>`: forked by
+//! the daemon's [`nursery`], or, when the nursery cannot, an exec of the daemon's own
+//! binary. Either way it holds one end of a socket pair (an exec'd one as its stdin); a
+//! start sends the [`KeeperSpec`] there, and that pair is the first daemon's link. The
+//! keeper starts the process as its child, holds its stdio (pipes or a terminal), reaps
+//! it, and serves one daemon at a time (later ones on a unix socket in the state
+//! directory): output and the exit status flow to the daemon, input, resizes and
+//! "release" flow back. While no daemon is connected the keeper buffers output up to
 //! [`DETACHED_BUFFER`] bytes, then stops reading (the process blocks on a full pipe, so
 //! nothing is lost); a new daemon connects to the socket and finds everything there.
 //!
