@@ -574,15 +574,20 @@ async fn a_table_too_large_to_write_inline_is_saved_and_adopted_after_kill_9() {
     assert_eq!(envs.get("PADDING"), Some(&padding));
 }
 
-#[tokio::test]
-async fn spare_keepers_are_forked_by_a_nursery_that_goes_with_the_daemon() {
-    let state = State::new();
-    let daemon = state.start();
+/// Waits for the one nursery of the daemon on `state` and its one spare; the nursery's pid.
+async fn nursery_with_a_spare(state: &State) -> u32 {
     wait_until("the nursery and its spare", Duration::from_secs(10), || {
         daemon_helpers(state.path(), "__spares").len() == 1 && keepers(state.path()).len() == 1
     })
     .await;
-    let nursery = daemon_helpers(state.path(), "__spares")[0];
+    daemon_helpers(state.path(), "__spares")[0]
+}
+
+#[tokio::test]
+async fn spare_keepers_are_forked_by_a_nursery_that_goes_with_the_daemon() {
+    let state = State::new();
+    let daemon = state.start();
+    let nursery = nursery_with_a_spare(&state).await;
     assert_eq!(
         state_and_parent(nursery).map(|(_, p)| p),
         Some(daemon.pid())
@@ -631,11 +636,7 @@ async fn spare_keepers_are_forked_by_a_nursery_that_goes_with_the_daemon() {
 async fn a_nursery_that_dies_is_replaced_and_starts_go_on() {
     let state = State::new();
     let daemon = state.start();
-    wait_until("the nursery and its spare", Duration::from_secs(10), || {
-        daemon_helpers(state.path(), "__spares").len() == 1 && keepers(state.path()).len() == 1
-    })
-    .await;
-    let first = daemon_helpers(state.path(), "__spares")[0];
+    let first = nursery_with_a_spare(&state).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL)
         .expect("kill the nursery");
     for n in 0..4 {

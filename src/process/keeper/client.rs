@@ -1,6 +1,7 @@
 //! The daemon's side of a keeper: launching one for a new process, connecting to one that
 //! survived a daemon restart, and the link that carries output in and input out.
 
+use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -61,6 +62,27 @@ pub struct Spare {
 /// How much nicer than the daemon a spare keeper runs.
 const SPARE_NICE: i32 = 10;
 
+/// Starts `binary` (a daemon binary) in a helper's role given by `args` (a keeper, the
+/// nursery): in its own process group, so that signals meant for the daemon's group do
+/// not reach it, with `stdin` as its stdin, no stdout, the daemon's stderr, and left
+/// running when the handle is dropped. The handle, and the pid.
+pub(crate) fn spawn_helper(
+    binary: &Path,
+    args: &[&OsStr],
+    stdin: std::os::fd::OwnedFd,
+) -> std::io::Result<(tokio::process::Child, u32)> {
+    let child = tokio::process::Command::new(binary)
+        .args(args)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()?;
+    let pid = child.id().ok_or(std::io::ErrorKind::NotFound)?;
+    Ok((child, pid))
+}
+
 /// Lowers the priority of `pid` (a spare keeper, or the nursery) by [`SPARE_NICE`] from
 /// the daemon's; the daemon's, to give back, when it could (without root it could not be
 /// raised again, so it is left alone).
@@ -99,20 +121,12 @@ impl Spare {
     pub fn spawn(binary: &Path, socket: PathBuf) -> Result<Spare> {
         let failed = |err| Error::io("error starting a process keeper", err);
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
-        let child = tokio::process::Command::new(binary)
-            .arg(KEEPER_ARG)
-            .arg(&socket)
-            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            // Its own process group: signals meant for the daemon's group do not reach it.
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(failed)?;
-        let pid = child
-            .id()
-            .ok_or_else(|| failed(std::io::ErrorKind::NotFound.into()))?;
+        let (child, pid) = spawn_helper(
+            binary,
+            &[OsStr::new(KEEPER_ARG), socket.as_os_str()],
+            theirs.into(),
+        )
+        .map_err(failed)?;
         let restore_nice = lower_nice(pid);
         Spare::with(pid, Some(child), ours, socket, restore_nice)
     }

@@ -22,7 +22,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,7 +30,7 @@ use nix::sys::socket::{
 };
 
 use crate::error::{Error, Result};
-use crate::process::keeper::client::Spare;
+use crate::process::keeper::client::{self, Spare};
 use crate::process::keeper::{KEEPER_ARG, server};
 use crate::sys;
 
@@ -125,20 +124,16 @@ impl Nursery {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|errno| failed(errno.into()))?;
-        let child = tokio::process::Command::new(binary)
-            .arg(NURSERY_ARG)
-            .arg(dir)
-            .arg(TITLE_ROOM)
-            .stdin(Stdio::from(theirs))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(failed)?;
-        let pid = child
-            .id()
-            .ok_or_else(|| failed(io::ErrorKind::NotFound.into()))?;
+        let (child, pid) = client::spawn_helper(
+            binary,
+            &[
+                OsStr::new(NURSERY_ARG),
+                dir.as_os_str(),
+                OsStr::new(TITLE_ROOM),
+            ],
+            theirs,
+        )
+        .map_err(failed)?;
         let timeout =
             nix::sys::time::TimeVal::new(i64::try_from(ANSWER_TIMEOUT.as_secs()).unwrap_or(2), 0);
         nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
@@ -146,7 +141,7 @@ impl Nursery {
         Ok(Nursery {
             _child: child,
             requests: Mutex::new(ours),
-            restore_nice: crate::process::keeper::client::lower_nice(pid),
+            restore_nice: client::lower_nice(pid),
         })
     }
 
