@@ -15,15 +15,11 @@ pub fn reap_children_automatically() {
     }
 }
 
-/// The number of threads of this process (`/proc/self/stat` field 20).
+/// The number of threads of this process (`/proc/<pid>/stat` field 20).
 fn threads() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(17)?
-        .parse()
-        .ok()
+    super::with_stat_fields(std::process::id(), |mut fields| {
+        fields.nth(17)?.parse().ok()
+    })
 }
 
 /// Forks this process, which must be single-threaded. The child (`Ok(None)`) gets
@@ -57,13 +53,13 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
-/// Where this process's command line lies in its memory: `/proc/self/stat` fields 48 and
+/// Where this process's command line lies in its memory: `/proc/<pid>/stat` fields 48 and
 /// 49 (`arg_start`, `arg_end`).
 fn arg_area() -> Option<(usize, usize)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(45);
-    let start: usize = fields.next()?.parse().ok()?;
-    let end: usize = fields.next()?.parse().ok()?;
+    let (start, end) = super::with_stat_fields(std::process::id(), |fields| {
+        let mut fields = fields.skip(45);
+        Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+    })?;
     (start < end).then_some((start, end))
 }
 
@@ -115,15 +111,14 @@ pub fn recv_with_fd(
     let mut passed = Vec::new();
     for cmsg in message.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            passed.extend(fds);
+            // SAFETY: each descriptor was installed in this process by the recvmsg above,
+            // and nothing else knows of it: it is owned here.
+            passed.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
-    // SAFETY: each descriptor was installed in this process by the recvmsg above, and
-    // nothing else knows of it: it is owned here (and extra ones closed on drop).
-    let mut owned = passed
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-    let first = owned.next();
-    drop(owned.collect::<Vec<_>>());
-    Ok((message.bytes, first))
+    // Any beyond the first are closed here.
+    Ok((message.bytes, passed.into_iter().next()))
 }

@@ -174,6 +174,22 @@ fn ignore_sigpipe() {
     }
 }
 
+/// `read` applied to the fields of `/proc/<pid>/stat` after the command name (which may
+/// hold spaces and parentheses, so they follow its last `)`): the first is field 3, the
+/// state. One read: the kernel writes the whole line at once (well under the buffer),
+/// where `read_to_string` would stat the file and read in growing steps.
+pub fn with_stat_fields<T>(
+    pid: u32,
+    read: impl FnOnce(std::str::SplitWhitespace<'_>) -> Option<T>,
+) -> Option<T> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buffer = [0u8; 4096];
+    let len = file.read(&mut buffer).ok()?;
+    let stat = std::str::from_utf8(&buffer[..len]).ok()?;
+    read(stat.rsplit_once(')')?.1.split_whitespace())
+}
+
 /// The nice value of process `pid`.
 ///
 /// # Errors

@@ -99,16 +99,7 @@ pub struct Hello {
 
 /// The start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22).
 pub fn start_time(pid: u32) -> Option<u64> {
-    use std::io::Read;
-    // One read: the kernel writes the whole line at once (it is well under the buffer),
-    // where `read_to_string` would stat the file and read in growing steps.
-    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
-    let mut buffer = [0u8; 4096];
-    let len = file.read(&mut buffer).ok()?;
-    let stat = std::str::from_utf8(&buffer[..len]).ok()?;
-    // The command name may contain spaces and parentheses: fields follow the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    crate::sys::with_stat_fields(pid, |mut fields| fields.nth(19)?.parse().ok())
 }
 
 #[cfg(test)]
