@@ -445,6 +445,12 @@ impl ProcessTable {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn nursery_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Nursery>>> {
+        self.nursery
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Starts a spare keeper in the background unless there is one. A keeper that cannot
     /// be started now is logged; the next process start then starts its own.
     fn refill_spare(self: &Arc<Self>) {
@@ -485,10 +491,7 @@ impl ProcessTable {
         tokio::task::spawn_blocking(move || {
             let binary = Path::new(client::OWN_BINARY);
             let nursery = {
-                let mut slot = table
-                    .nursery
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut slot = table.nursery_slot();
                 if slot.is_none() {
                     match Nursery::start(binary, &table.keeper_dir) {
                         Ok(nursery) => *slot = Some(Arc::new(nursery)),
@@ -502,10 +505,7 @@ impl ProcessTable {
                     Ok(spare) => return Ok(spare),
                     Err(err) => {
                         tracing::warn!(%err, "the keeper nursery failed; starting another next time");
-                        let mut slot = table
-                            .nursery
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let mut slot = table.nursery_slot();
                         if slot.as_ref().is_some_and(|n| Arc::ptr_eq(n, &nursery)) {
                             *slot = None;
                         }

@@ -83,6 +83,16 @@ pub(crate) fn spawn_helper(
     Ok((child, pid))
 }
 
+/// Reaps an exec'd keeper (the daemon's child) once it exits, so it is not left a zombie
+/// of the daemon's; a forked one (`None`) the kernel reaps.
+fn reap_when_it_exits(child: Option<tokio::process::Child>) {
+    if let Some(mut child) = child {
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+    }
+}
+
 /// Lowers the priority of `pid` (a spare keeper, or the nursery) by [`SPARE_NICE`] from
 /// the daemon's; the daemon's, to give back, when it could (without root it could not be
 /// raised again, so it is left alone).
@@ -166,11 +176,7 @@ impl Spare {
     /// Lets an unused spare go: it reads end of file on its stdin and exits, and is reaped
     /// (not left a zombie of the daemon's).
     pub fn discard(self) {
-        if let Some(mut child) = self.child {
-            tokio::spawn(async move {
-                let _ = child.wait().await;
-            });
-        }
+        reap_when_it_exits(self.child);
     }
 
     /// Where the keeper serves daemons that connect later.
@@ -196,13 +202,8 @@ impl Spare {
         if let Some(nice) = restore_nice {
             let _ = sys::set_nice(pid, nice);
         }
-        // An exec'd keeper is the daemon's child until the daemon goes: reap it when it
-        // exits.
-        if let Some(mut child) = child {
-            tokio::spawn(async move {
-                let _ = child.wait().await;
-            });
-        }
+        // An exec'd keeper is the daemon's child until the daemon goes.
+        reap_when_it_exits(child);
         let json = serde_json::to_vec(spec).map_err(|err| {
             StartError::Failed(Error::Internal(format!("encoding a keeper spec: {err}")))
         })?;
