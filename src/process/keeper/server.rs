@@ -23,8 +23,8 @@ use crate::sys::{ChildSetup, vfork};
 const READ_CHUNK: usize = 32 * 1024;
 /// Largest read from a terminal at once (envd's PTY event size).
 const PTY_CHUNK: usize = 16 * 1024;
-/// The keeper's read buffer: the spec comes through it in pieces this large, and output
-/// in pieces of at most [`READ_CHUNK`] (or [`PTY_CHUNK`]).
+/// The keeper's read buffer: the spec and the daemon's later frames come through it in
+/// pieces this large, and output in pieces of at most [`READ_CHUNK`] (or [`PTY_CHUNK`]).
 const READ_BUF: usize = 64 * 1024;
 /// Largest frame the daemon may send.
 const MAX_FRAME: usize = 1024 * 1024;
@@ -75,8 +75,9 @@ struct Keeper {
     pending_pty: Vec<u8>,
     /// Close stdin once `pending_stdin` is written.
     close_stdin_after: bool,
-    /// Where output is read into: one buffer for the keeper's life, its pages touched
-    /// before the spec came (see `run`), so a read costs no allocation and no page faults.
+    /// Where output and the daemon's frames are read into: one buffer for the keeper's
+    /// life, its pages touched before the spec came (see `run`), so a read costs no
+    /// allocation, no zeroing and no page faults.
     read_buf: Vec<u8>,
 }
 
@@ -297,13 +298,12 @@ impl Keeper {
         let Some((stream, decoder)) = self.conn.as_mut() else {
             return;
         };
-        let mut buf = [0u8; 64 * 1024];
-        match stream.read(&mut buf) {
+        match stream.read(&mut self.read_buf) {
             Ok(0) | Err(_) => {
                 self.conn = None;
                 return;
             }
-            Ok(n) => decoder.push(&buf[..n]),
+            Ok(n) => decoder.push(&self.read_buf[..n]),
         }
         let mut frames = Vec::new();
         while let Ok(Some(frame)) = decoder.next_frame() {
