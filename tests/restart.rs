@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::process::{
     alive, collect, collect_rest, read_start, read_stdout_until, started, wait_dead,
 };
-use common::{Daemon, grpc_channel, http, kill_keepers, wait_until};
+use common::{Daemon, daemon_helpers, grpc_channel, http, kill_keepers, wait_until};
 use envd::proto::process::{self as pb, process_client::ProcessClient, process_selector::Selector};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -254,22 +254,6 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
 /// The keepers of processes started under `state` (spare ones included): their pids.
 fn keepers(state: &Path) -> Vec<u32> {
     daemon_helpers(state, "__keeper")
-}
-
-/// The processes with `arg` and `state` in their command line: a daemon's keepers
-/// (`__keeper`) or its nursery (`__spares`).
-fn daemon_helpers(state: &Path, arg: &str) -> Vec<u32> {
-    let needle = state.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .expect("proc")
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            (cmdline.contains(arg) && cmdline.contains(&needle)).then_some(pid)
-        })
-        .collect()
 }
 
 /// A process's state letter and parent (`/proc/<pid>/stat` fields 3 and 4).

@@ -157,27 +157,30 @@ impl Drop for Daemon {
 
 /// Kills the process keepers whose sockets live under `state_dir`.
 pub fn kill_keepers(state_dir: &Path) {
+    for pid in daemon_helpers(state_dir, "__keeper") {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The processes with `arg` and `state_dir` in their command line: the keepers of the
+/// daemon on that state directory (`__keeper`), or its nursery (`__spares`).
+pub fn daemon_helpers(state_dir: &Path, arg: &str) -> Vec<u32> {
     let needle = state_dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
-    for entry in entries.filter_map(Result::ok) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("__keeper") && cmdline.contains(&needle) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains(arg) && cmdline.contains(&needle)).then_some(pid)
+        })
+        .collect()
 }
 
 /// The names of the upload temp files (`*.envd-upload`) in `dir`.
