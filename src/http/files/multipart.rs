@@ -290,9 +290,13 @@ mod tests {
     /// (headers' `Content-Disposition`, data) of every part, or the error's text.
     type Parts = Result<Vec<(String, Vec<u8>)>, String>;
 
+    /// A body that arrives as `chunks`.
+    fn body(chunks: Vec<Bytes>) -> ByteStream {
+        Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)))
+    }
+
     fn read(chunks: Vec<Bytes>, boundary: &str) -> Parts {
-        let body: ByteStream = Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)));
-        let mut form = Form::new(body, boundary);
+        let mut form = Form::new(body(chunks), boundary);
         futures_util::FutureExt::now_or_never(async move {
             let mut parts = Vec::new();
             while let Some(headers) = form.next_part().await.map_err(|e| e.to_string())? {
@@ -371,8 +375,7 @@ mod tests {
     fn unread_data_is_skipped() {
         for size in [1, 5, FORM.len()] {
             let chunks: Vec<Bytes> = FORM.chunks(size).map(Bytes::copy_from_slice).collect();
-            let body: ByteStream = Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)));
-            let mut form = Form::new(body, "XyZ");
+            let mut form = Form::new(body(chunks), "XyZ");
             let names = futures_util::FutureExt::now_or_never(async {
                 let mut names = Vec::new();
                 while let Some(headers) = form.next_part().await.expect("well-formed") {
@@ -473,16 +476,15 @@ mod tests {
 
     #[test]
     fn data_is_handed_on_uncopied() {
-        let body = Bytes::from_static(b"--b\r\n\r\n0123456789\r\n--b--");
-        let stream: ByteStream = Box::pin(futures_util::stream::iter([Ok(body.clone())]));
-        let mut form = Form::new(stream, "b");
+        let whole = Bytes::from_static(b"--b\r\n\r\n0123456789\r\n--b--");
+        let mut form = Form::new(body(vec![whole.clone()]), "b");
         futures_util::FutureExt::now_or_never(async {
             form.next_part().await.expect("part").expect("one");
             let chunk = form.data().next().await.expect("data").expect("ok");
             assert_eq!(&chunk[..], b"0123456789");
             assert_eq!(
                 chunk.as_ptr(),
-                body[7..].as_ptr(),
+                whole[7..].as_ptr(),
                 "a slice of the body's chunk"
             );
         })
@@ -516,11 +518,10 @@ mod tests {
 
     #[test]
     fn a_long_preamble_is_not_kept() {
-        let mut body = vec![b'p'; 1 << 20];
-        body.extend_from_slice(b"--b\r\n\r\nx\r\n--b--");
-        let chunks: Vec<Bytes> = body.chunks(4096).map(Bytes::copy_from_slice).collect();
-        let stream: ByteStream = Box::pin(futures_util::stream::iter(chunks.into_iter().map(Ok)));
-        let mut form = Form::new(stream, "b");
+        let mut bytes = vec![b'p'; 1 << 20];
+        bytes.extend_from_slice(b"--b\r\n\r\nx\r\n--b--");
+        let chunks: Vec<Bytes> = bytes.chunks(4096).map(Bytes::copy_from_slice).collect();
+        let mut form = Form::new(body(chunks), "b");
         futures_util::FutureExt::now_or_never(async {
             form.next_part().await.expect("part").expect("one");
         })
