@@ -190,6 +190,24 @@ pub fn with_stat_fields<T>(
     read(stat.rsplit_once(')')?.1.split_whitespace())
 }
 
+/// Now, in the unit of a process's start time (`/proc/<pid>/stat` field 22): clock ticks
+/// (`_SC_CLK_TCK`) of `CLOCK_BOOTTIME`, the clock the kernel stamps a new process with and
+/// divides the same way. `None` when the clock or the tick rate cannot be read.
+pub fn boot_ticks() -> Option<u64> {
+    static NANOS_PER_TICK: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        u64::try_from(hz)
+            .ok()
+            .filter(|&hz| hz > 0 && 1_000_000_000 % hz == 0)
+            .map(|hz| 1_000_000_000 / hz)
+    });
+    let per_tick = (*NANOS_PER_TICK)?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let nanos =
+        u64::try_from(now.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(now.tv_nsec()).ok()?;
+    Some(nanos / per_tick)
+}
+
 /// The nice value of process `pid`.
 ///
 /// # Errors

@@ -114,4 +114,34 @@ mod tests {
         assert_eq!(start_time(me), Some(first), "stable");
         assert_eq!(start_time(u32::MAX), None);
     }
+
+    #[test]
+    fn a_spawn_within_one_boot_tick_started_in_that_tick() {
+        // What the keeper relies on to skip reading /proc: the kernel stamps a child with
+        // the clock `boot_ticks` reads, in the same unit.
+        let mut compared = 0;
+        for _ in 0..200 {
+            let before = crate::sys::boot_ticks().expect("boot clock");
+            let mut child = std::process::Command::new("/bin/sleep")
+                .arg("5")
+                .spawn()
+                .expect("spawn");
+            let after = crate::sys::boot_ticks().expect("boot clock");
+            let pid = child.id();
+            let kernel = start_time(pid).expect("start time");
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+            assert!(
+                before <= kernel && kernel <= after,
+                "{before} <= {kernel} <= {after}"
+            );
+            if before == after {
+                compared += 1;
+                if compared == 20 {
+                    break;
+                }
+            }
+        }
+        assert!(compared > 0, "no spawn fell within one tick");
+    }
 }

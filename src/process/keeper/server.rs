@@ -17,7 +17,7 @@ use crate::process::keeper::{
     DETACHED_BUFFER, Hello, KeeperSpec, ORPHAN_EXIT_WAIT, start_time, to_daemon, to_keeper,
 };
 use crate::rpc::envelope::{Decoder, encode};
-use crate::sys::{ChildSetup, vfork};
+use crate::sys::{ChildSetup, boot_ticks, vfork};
 
 /// Largest read from a pipe at once (envd's stdout/stderr event size).
 const READ_CHUNK: usize = 32 * 1024;
@@ -103,7 +103,13 @@ fn run(socket: &Path, first: UnixStream) -> io::Result<()> {
     // End of file without a spec: the daemon that started this spare is gone.
     let spec: KeeperSpec = serde_json::from_slice(&read_spec(&first, &mut decoder, &mut read_buf)?)
         .map_err(io::Error::other)?;
-    let (pid, outputs, stdin, pty) = match launch(&spec) {
+    let Started {
+        pid,
+        stamped,
+        outputs,
+        stdin,
+        pty,
+    } = match launch(&spec) {
         Ok(started) => started,
         Err(message) => {
             let _ = (&first).write_all(&encode(to_daemon::START_FAILED, message.as_bytes()));
@@ -112,7 +118,9 @@ fn run(socket: &Path, first: UnixStream) -> io::Result<()> {
     };
     let hello = Hello {
         pid,
-        start_time: start_time(pid).unwrap_or(0),
+        // Read from /proc only when the spawn straddled a tick: that read waits while the
+        // new process finishes its exec, and the hello (the client's start event) with it.
+        start_time: stamped.or_else(|| start_time(pid)).unwrap_or(0),
         pty: pty.is_some(),
     };
     let pidfd = crate::sys::pidfd_open(pid)?;
@@ -401,7 +409,15 @@ fn is_exec_failure(err: &io::Error) -> bool {
     )
 }
 
-type Started = (u32, Vec<Output>, Option<OwnedFd>, Option<OwnedFd>);
+/// A process just started, and what the keeper holds of it.
+struct Started {
+    pid: u32,
+    /// Its start time (`/proc/<pid>/stat` field 22) when known without reading it there.
+    stamped: Option<u64>,
+    outputs: Vec<Output>,
+    stdin: Option<OwnedFd>,
+    pty: Option<OwnedFd>,
+}
 
 /// Starts the process of `spec`; on failure, what the client is told.
 fn launch(spec: &KeeperSpec) -> Result<Started, String> {
@@ -433,18 +449,23 @@ fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Starte
         die_with_parent: true,
     };
     let run = |stdio: [BorrowedFd<'_>; 3]| {
-        vfork::spawn(&vfork::Command {
+        let before = boot_ticks();
+        let pid = vfork::spawn(&vfork::Command {
             program,
             args,
             env: &spec.env,
             cwd: &spec.cwd,
             stdio,
             setup: &setup,
-        })
+        })?;
+        // The kernel stamps the child with the boot clock during the spawn, in the unit
+        // `boot_ticks` reads: a spawn begun and ended within one tick began in that tick.
+        let stamped = before.filter(|&tick| boot_ticks() == Some(tick));
+        io::Result::Ok((pid, stamped))
     };
     if let Some((cols, rows)) = spec.pty {
         let (master, slave) = crate::process::pty::open_raw(cols, rows)?;
-        let pid = run([slave.as_fd(); 3])?;
+        let (pid, stamped) = run([slave.as_fd(); 3])?;
         drop(slave);
         set_nonblocking(&master)?;
         let reader = master.try_clone()?;
@@ -453,7 +474,13 @@ fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Starte
             kind: to_daemon::PTY,
             open: true,
         }];
-        return Ok((pid, outputs, None, Some(master)));
+        return Ok(Started {
+            pid,
+            stamped,
+            outputs,
+            stdin: None,
+            pty: Some(master),
+        });
     }
     let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from);
     let (stdout, stdout_child) = pipe()?;
@@ -464,7 +491,7 @@ fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Starte
     } else {
         (None, OwnedFd::from(std::fs::File::open("/dev/null")?))
     };
-    let pid = run([
+    let (pid, stamped) = run([
         stdin_child.as_fd(),
         stdout_child.as_fd(),
         stderr_child.as_fd(),
@@ -487,7 +514,13 @@ fn start(spec: &KeeperSpec, program: &str, args: &[String]) -> io::Result<Starte
             open: true,
         },
     ];
-    Ok((pid, outputs, stdin, None))
+    Ok(Started {
+        pid,
+        stamped,
+        outputs,
+        stdin,
+        pty: None,
+    })
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
