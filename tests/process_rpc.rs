@@ -367,6 +367,57 @@ async fn stream_input_orders_data_and_refuses_data_before_start() {
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 }
 
+/// Fields 5 to 7 of `/proc/<pid>/stat` as a process printed its own: process group,
+/// session and controlling terminal (0 for none).
+fn ids(stat: &[u8]) -> [i64; 3] {
+    let text = String::from_utf8_lossy(stat);
+    let fields: Vec<i64> = text
+        .rsplit_once(')')
+        .expect("a stat line")
+        .1
+        .split_whitespace()
+        .skip(2)
+        .take(3)
+        .map(|f| f.parse().expect("a number"))
+        .collect();
+    fields.try_into().expect("three fields")
+}
+
+#[tokio::test]
+async fn a_process_leads_a_session_of_its_own_with_a_terminal_only_when_asked() {
+    let daemon = Daemon::start();
+    let mut client = client(&daemon).await;
+    // `exec`, so the process that reads its stat is the one started.
+    let out = collect(
+        client
+            .start(bash("exec cat /proc/self/stat"))
+            .await
+            .expect("start")
+            .into_inner(),
+    )
+    .await;
+    let [group, session, terminal] = ids(&out.stdout);
+    assert_eq!(
+        (group, session),
+        (i64::from(out.pid), i64::from(out.pid)),
+        "leads its own session and process group (signals reach the group)"
+    );
+    assert_eq!(terminal, 0, "with no controlling terminal");
+
+    let mut request = bash("exec cat /proc/self/stat");
+    request.pty = Some(pb::Pty {
+        size: Some(pb::pty::Size { cols: 80, rows: 24 }),
+    });
+    let out = collect(client.start(request).await.expect("start").into_inner()).await;
+    let [group, session, terminal] = ids(&out.pty);
+    assert_eq!(
+        (group, session),
+        (i64::from(out.pid), i64::from(out.pid)),
+        "a terminal's process leads its own session too"
+    );
+    assert_ne!(terminal, 0, "with the terminal as its controlling one");
+}
+
 #[tokio::test]
 async fn kill_reaches_the_whole_group() {
     let daemon = Daemon::start();
