@@ -208,6 +208,25 @@ pub fn boot_ticks() -> Option<u64> {
     Some(nanos / per_tick)
 }
 
+/// Swaps the files at `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`): each
+/// name then names the other's file.
+///
+/// # Errors
+/// The OS error: `ENOENT` when either is missing, `EINVAL` (or `Unsupported` here) where
+/// the filesystem or the platform cannot exchange.
+pub fn exchange(a: &std::path::Path, b: &std::path::Path) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE).map_err(io::Error::from)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = (a, b);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 /// The nice value of process `pid`.
 ///
 /// # Errors
