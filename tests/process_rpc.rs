@@ -387,35 +387,27 @@ fn ids(stat: &[u8]) -> [i64; 3] {
 async fn a_process_leads_a_session_of_its_own_with_a_terminal_only_when_asked() {
     let daemon = Daemon::start();
     let mut client = client(&daemon).await;
-    // `exec`, so the process that reads its stat is the one started.
-    let out = collect(
-        client
-            .start(bash("exec cat /proc/self/stat"))
-            .await
-            .expect("start")
-            .into_inner(),
-    )
-    .await;
-    let [group, session, terminal] = ids(&out.stdout);
-    assert_eq!(
-        (group, session),
-        (i64::from(out.pid), i64::from(out.pid)),
-        "leads its own session and process group (signals reach the group)"
-    );
-    assert_eq!(terminal, 0, "with no controlling terminal");
-
-    let mut request = bash("exec cat /proc/self/stat");
-    request.pty = Some(pb::Pty {
-        size: Some(pb::pty::Size { cols: 80, rows: 24 }),
-    });
-    let out = collect(client.start(request).await.expect("start").into_inner()).await;
-    let [group, session, terminal] = ids(&out.pty);
-    assert_eq!(
-        (group, session),
-        (i64::from(out.pid), i64::from(out.pid)),
-        "a terminal's process leads its own session too"
-    );
-    assert_ne!(terminal, 0, "with the terminal as its controlling one");
+    for with_terminal in [false, true] {
+        // `exec`, so the process that reads its stat is the one started.
+        let mut request = bash("exec cat /proc/self/stat");
+        if with_terminal {
+            request.pty = Some(pb::Pty {
+                size: Some(pb::pty::Size { cols: 80, rows: 24 }),
+            });
+        }
+        let out = collect(client.start(request).await.expect("start").into_inner()).await;
+        let [group, session, terminal] = ids(if with_terminal { &out.pty } else { &out.stdout });
+        assert_eq!(
+            (group, session),
+            (i64::from(out.pid), i64::from(out.pid)),
+            "leads its own session and process group (signals reach the group); terminal: {with_terminal}"
+        );
+        assert_eq!(
+            terminal != 0,
+            with_terminal,
+            "a controlling terminal only with a PTY"
+        );
+    }
 }
 
 #[tokio::test]
