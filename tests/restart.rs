@@ -222,12 +222,7 @@ async fn a_recycled_pid_is_not_adopted_and_bad_state_files_are_set_aside() {
         .expect("saved");
     // The keeper knows the start time without reading /proc (most of the time): it is
     // the one the kernel gives.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process lives");
-    let kernel_start: u64 = stat
-        .rsplit_once(')')
-        .and_then(|(_, fields)| fields.split_whitespace().nth(19))
-        .and_then(|field| field.parse().ok())
-        .expect("field 22");
+    let kernel_start = envd::process::keeper::start_time(pid).expect("the process lives");
     assert_eq!(entry["start_time"], json!(kernel_start), "saved start time");
     entry["start_time"] = json!(entry["start_time"].as_u64().expect("start time") + 1);
     std::fs::write(&table_path, serde_json::to_vec(&table).expect("json")).expect("write");
